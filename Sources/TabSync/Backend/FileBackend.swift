@@ -1,0 +1,311 @@
+import Foundation
+import Synchronization
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// How hard a commit works to survive a power loss. Any setting survives a killed process:
+/// a commit is a rename, which is atomic.
+public enum Durability: String, Sendable, Hashable, CaseIterable {
+    /// No fsync. A power loss may lose recent commits, or leave an empty file that
+    /// recovery then replaces with the previous generation.
+    case none
+    /// fsync of the new file before the rename (the default). A power loss may lose the last
+    /// rename, never the contents.
+    case file
+    /// fsync of the file and then of the directory: a commit that returned survives a power loss.
+    case full
+}
+
+/// The files of one storage `NAME` in a session directory (docs/FORMAT.md):
+///
+/// | file | role |
+/// | --- | --- |
+/// | `NAME.state` | the committed state, replaced by rename |
+/// | `NAME.state.prev` | the previous generation, a hard link kept for recovery |
+/// | `NAME.state.tmp` | the next generation while it is written |
+/// | `NAME.lock` | the commit lock (`flock`), never renamed |
+/// | `NAME.state.corrupt-TIME` | a corrupt state file moved aside by recovery |
+///
+/// ### Recovery
+/// When the state file is corrupt (garbage, truncated, wrong checksum), the next reader or
+/// writer, under the commit lock, moves it aside as `NAME.state.corrupt-TIME` and writes the
+/// newest valid state it can prove: the previous generation or the last state this process
+/// read, whichever is newer, with a new store identifier so that every reader resynchronises.
+/// The recovered state records what happened (``StateDocument/recovery``), and every reader
+/// reports it. A state file of a newer
+/// format version, or larger than the limit, is refused and left alone.
+public final class FileBackend: StorageBackend {
+    public let directory: SessionDirectory
+    public let name: String
+    public let durability: Durability
+    public let maximumStateBytes: Int
+    public let journalLimits: JournalLimits
+    let pollInterval: Duration
+
+    let stateName: String
+    let previousName: String
+    let temporaryName: String
+    private let commitLock: FileLock
+
+    private struct FileIdentity: Equatable {
+        var device: UInt64, inode: UInt64, size: Int64, changeTime: timespec, modifyTime: timespec
+
+        init(_ info: stat) {
+            device = UInt64(info.st_dev)
+            inode = UInt64(info.st_ino)
+            size = Int64(info.st_size)
+            changeTime = info.st_ctim
+            modifyTime = info.st_mtim
+        }
+
+        static func == (a: Self, b: Self) -> Bool {
+            a.device == b.device && a.inode == b.inode && a.size == b.size
+                && a.changeTime.tv_sec == b.changeTime.tv_sec && a.changeTime.tv_nsec == b.changeTime.tv_nsec
+                && a.modifyTime.tv_sec == b.modifyTime.tv_sec && a.modifyTime.tv_nsec == b.modifyTime.tv_nsec
+        }
+    }
+
+    private struct Cache {
+        var identity: FileIdentity?
+        var document: StateDocument?
+        /// The newest valid document this process has seen, kept for recovery.
+        var lastGood: StateDocument?
+    }
+
+    private let cache = Mutex(Cache())
+    /// Serialises commits of this instance; the flock serialises processes and instances.
+    private let commitGate = Mutex(())
+
+    /// Opens the storage `name` in `directory`, creating its state file when missing.
+    public init(
+        directory: SessionDirectory, name: String, durability: Durability = .file,
+        maximumStateBytes: Int = 16 << 20, journalLimits: JournalLimits = JournalLimits(),
+        pollInterval: Duration = .milliseconds(250)
+    ) throws(TabSyncError) {
+        try Self.validate(name: name, what: "storage name")
+        self.directory = directory
+        self.name = name
+        self.durability = durability
+        self.maximumStateBytes = maximumStateBytes
+        self.journalLimits = journalLimits
+        self.pollInterval = pollInterval
+        self.stateName = name + ".state"
+        self.previousName = name + ".state.prev"
+        self.temporaryName = name + ".state.tmp"
+        self.commitLock = try FileLock(directory: directory, name: name)
+        if try directory.inspect(stateName) == nil {
+            // Creates the file (and its store identifier) so that every reader starts from one store.
+            try commit { _ in }
+        }
+    }
+
+    public var location: String { directory.path(of: stateName) }
+
+    static func validate(name: String, what: String) throws(TabSyncError) {
+        let allowed = name.utf8.allSatisfy { byte in
+            (UInt8(ascii: "a")...UInt8(ascii: "z")).contains(byte) || (UInt8(ascii: "A")...UInt8(ascii: "Z")).contains(byte)
+                || (UInt8(ascii: "0")...UInt8(ascii: "9")).contains(byte) || byte == UInt8(ascii: "-") || byte == UInt8(ascii: "_") || byte == UInt8(ascii: ".")
+        }
+        guard allowed, !name.isEmpty, !name.hasPrefix("."), name.utf8.count <= 64 else {
+            throw TabSyncError(code: .invalidArgument, path: nil, message: "The \(what) '\(name)' must be 1 to 64 letters, digits, '-', '_' or '.', not starting with '.'")
+        }
+    }
+
+    // MARK: Reading
+
+    public func load() throws(TabSyncError) -> StateDocument {
+        do {
+            return try read()
+        } catch where error.code == .corruptState {
+            return try commit { document in document }
+        }
+    }
+
+    /// Reads the state file; an unchanged file (same inode, size and times) is not read again.
+    /// A missing file reads as an empty state with no store identifier.
+    private func read() throws(TabSyncError) -> StateDocument {
+        let path = location
+        guard let fd = try directory.openExisting(stateName, flags: O_RDONLY) else {
+            return StateDocument(storeID: "")
+        }
+        defer { close(fd) }
+        var info = stat()
+        guard fstat(fd, &info) == 0 else { throw TabSyncError.system("fstat", .current, path: path) }
+        let identity = FileIdentity(info)
+        if let cached = cache.withLock({ $0.identity == identity ? $0.document : nil }) {
+            return cached
+        }
+        guard Int(info.st_size) <= maximumStateBytes else {
+            throw TabSyncError(
+                code: .stateTooLarge, path: path,
+                message: "The state file has \(info.st_size) bytes, more than the limit of \(maximumStateBytes)")
+        }
+        let bytes = try readAll(fd, count: Int(info.st_size), path: path)
+        let document = try StateFileCodec.decode(bytes, path: path)
+        cache.withLock { cache in
+            cache.identity = identity
+            cache.document = document
+            if document.storeID != cache.lastGood?.storeID || document.sequence >= cache.lastGood?.sequence ?? 0 {
+                cache.lastGood = document
+            }
+        }
+        return document
+    }
+
+    private func readAll(_ fd: Int32, count: Int, path: String) throws(TabSyncError) -> [UInt8] {
+        var bytes = [UInt8](repeating: 0, count: count)
+        var done = 0
+        while done < count {
+            let got = try retrying("read", path: path) {
+                bytes.withUnsafeMutableBytes { pread(fd, $0.baseAddress! + done, count - done, off_t(done)) }
+            }
+            if got == 0 { break }
+            done += got
+        }
+        return Array(bytes[..<done])
+    }
+
+    // MARK: Committing
+
+    public func commit<Result>(_ body: (inout StateDocument) throws(TabSyncError) -> Result) throws(TabSyncError) -> Result {
+        try commitGate.withLock { _ throws(TabSyncError) in
+            guard let hold = try commitLock.take(blocking: true) else {
+                throw TabSyncError(code: .io, path: directory.path(of: commitLock.fileName), message: "The commit lock could not be taken")
+            }
+            defer { hold.release() }
+            var (document, mustWrite) = try readLocked()
+            let before = (document.storeID, document.sequence)
+            let result = try body(&document)
+            if mustWrite || before != (document.storeID, document.sequence) {
+                try write(document)
+            }
+            return result
+        }
+    }
+
+    /// Reads the state under the commit lock, recovering a corrupt one.
+    /// Returns the document and whether it must be written even if unchanged.
+    private func readLocked() throws(TabSyncError) -> (StateDocument, Bool) {
+        do {
+            let document = try read()
+            if document.storeID.isEmpty {
+                return (StateDocument(), true)
+            }
+            return (document, false)
+        } catch where error.code == .corruptState {
+            return (try recover(from: error), true)
+        }
+    }
+
+    private func recover(from problem: TabSyncError) throws(TabSyncError) -> StateDocument {
+        var candidates: [(StateDocument, String)] = []
+        if let fd = try? directory.openExisting(previousName, flags: O_RDONLY) {
+            defer { close(fd) }
+            var info = stat()
+            if fstat(fd, &info) == 0, Int(info.st_size) <= maximumStateBytes,
+               let bytes = try? readAll(fd, count: Int(info.st_size), path: directory.path(of: previousName)),
+               let document = try? StateFileCodec.decode(bytes, path: directory.path(of: previousName)) {
+                candidates.append((document, "the previous generation"))
+            }
+        }
+        if let remembered = cache.withLock({ $0.lastGood }) {
+            candidates.append((remembered, "the last state this process read"))
+        }
+        let best = candidates.max { $0.0.sequence < $1.0.sequence }
+        let asideName = "\(stateName).corrupt-\(Int64(Date().timeIntervalSince1970 * 1000))"
+        if renameat(directory.descriptor, stateName, directory.descriptor, asideName) != 0 {
+            throw TabSyncError.system("renameat", .current, path: location)
+        }
+        var recovered = best?.0 ?? StateDocument()
+        recovered.storeID = StateDocument.newStoreID()
+        recovered.sequence += 1
+        recovered.journal = []
+        let source = best?.1 ?? "nothing (no valid earlier state; starting empty)"
+        recovered.recovery = "\(problem.message); moved it aside as \(asideName) and recovered from \(source)"
+        return recovered
+    }
+
+    private func write(_ document: StateDocument) throws(TabSyncError) {
+        let bytes = StateFileCodec.encode(document)
+        let temporaryPath = directory.path(of: temporaryName)
+        guard bytes.count <= maximumStateBytes else {
+            throw TabSyncError(
+                code: .stateTooLarge, path: location,
+                message: "The new state would have \(bytes.count) bytes, more than the limit of \(maximumStateBytes)")
+        }
+        // A writer killed mid-commit may have left a temporary file; it never became the state.
+        _ = unlinkat(directory.descriptor, temporaryName, 0)
+        let fd = try directory.openFile(temporaryName, flags: O_WRONLY | O_EXCL | O_TRUNC, create: true)
+        do throws(TabSyncError) {
+            var done = 0
+            while done < bytes.count {
+                done += try retrying("write", path: temporaryPath) {
+                    bytes.withUnsafeBytes { Glibc.write(fd, $0.baseAddress! + done, bytes.count - done) }
+                }
+            }
+            if durability != .none, fsync(fd) != 0 {
+                throw TabSyncError.system("fsync", .current, path: temporaryPath)
+            }
+        } catch {
+            close(fd)
+            _ = unlinkat(directory.descriptor, temporaryName, 0)
+            throw error
+        }
+        close(fd)
+        // Keep the generation being replaced, for recovery.
+        _ = unlinkat(directory.descriptor, previousName, 0)
+        _ = linkat(directory.descriptor, stateName, directory.descriptor, previousName, 0)
+        guard renameat(directory.descriptor, temporaryName, directory.descriptor, stateName) == 0 else {
+            let errno = Errno.current
+            _ = unlinkat(directory.descriptor, temporaryName, 0)
+            throw TabSyncError.system("renameat", errno, path: location)
+        }
+        if durability == .full, fsync(directory.descriptor) != 0 {
+            throw TabSyncError.system("fsync", .current, path: directory.path)
+        }
+        cache.withLock { cache in
+            cache.identity = nil
+            cache.lastGood = document
+        }
+    }
+
+    // MARK: Watching and locks
+
+    public func watch(_ handler: @escaping @Sendable (BackendSignal) -> Void) -> any WatchRegistration {
+        let (id, detection) = ChangeWatcher.shared.register(
+            directory: directory, names: [stateName], pollInterval: pollInterval
+        ) { signal in
+            switch signal {
+            case .changed: handler(.mayHaveChanged)
+            case let .fellBackToPolling(detection): handler(.detectionChanged(detection))
+            }
+        }
+        return FileWatchRegistration(id: id, detection: detection)
+    }
+
+    public func lock(named name: String) throws(TabSyncError) -> any SessionLock {
+        try FileLock(directory: directory, name: "\(self.name).\(name)")
+    }
+
+}
+
+private final class FileWatchRegistration: WatchRegistration {
+    let id: UInt64
+    let detection: ChangeDetection
+    private let cancelled = Atomic<Bool>(false)
+
+    init(id: UInt64, detection: ChangeDetection) {
+        self.id = id
+        self.detection = detection
+    }
+
+    func cancel() {
+        if !cancelled.exchange(true, ordering: .relaxed) {
+            ChangeWatcher.shared.unregister(id)
+        }
+    }
+
+    deinit { cancel() }
+}

@@ -1,0 +1,180 @@
+import CInotifyTools
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A session directory, opened once and checked: owned by this user, not writable by others,
+/// not a symbolic link. Every file inside is opened relative to the directory's descriptor,
+/// with `O_NOFOLLOW` and `O_CLOEXEC`, so renaming or replacing the path afterwards cannot
+/// redirect TabSync to another place.
+///
+/// A missing directory is created with mode 0700 (its missing parents too).
+///
+/// ### Errors
+/// ``TabSyncError/Code/insecurePath`` when the directory or a file in it is owned by
+/// another user, writable by group or others, or is a symbolic link;
+/// ``TabSyncError/Code/notRegularFile`` for a FIFO, device or socket where a file belongs.
+public final class SessionDirectory: Sendable {
+    /// The path the directory was opened at.
+    public let path: String
+    let descriptor: Int32
+    let device: UInt64
+    let inode: UInt64
+    /// True when the file system is known not to deliver inotify events (NFS, CIFS, FUSE...).
+    let isRemoteFileSystem: Bool
+
+    /// Opens (and creates when missing) a session directory.
+    public init(path: String, create: Bool = true) throws(TabSyncError) {
+        guard !path.isEmpty else {
+            throw TabSyncError(code: .invalidArgument, path: path, message: "The session directory path is empty")
+        }
+        self.path = path
+        if create { try Self.makeDirectories(path) }
+        let fd = open(path, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
+        guard fd >= 0 else {
+            let errno = Errno.current
+            var info = stat()
+            if errno == .tooManyLinks || (lstat(path, &info) == 0 && info.st_mode & S_IFMT == S_IFLNK) {
+                throw TabSyncError(code: .insecurePath, path: path, message: "The session directory is a symbolic link", errno: errno)
+            }
+            if errno.rawValue == ENOTDIR {
+                throw TabSyncError(code: .notRegularFile, path: path, message: "The session directory path is not a directory", errno: errno)
+            }
+            throw TabSyncError(code: .io, path: path, message: "Cannot open the session directory", errno: errno)
+        }
+        var info = stat()
+        guard fstat(fd, &info) == 0 else {
+            let errno = Errno.current
+            close(fd)
+            throw TabSyncError.system("fstat", errno, path: path)
+        }
+        do {
+            try Self.checkOwnership(info, path: path, what: "session directory", forbidden: S_IWGRP | S_IWOTH)
+        } catch {
+            close(fd)
+            throw error
+        }
+        var fs = statfs()
+        let remote = fstatfs(fd, &fs) == 0 && Self.remoteMagics.contains(Int64(fs.f_type))
+        self.descriptor = fd
+        self.device = UInt64(info.st_dev)
+        self.inode = UInt64(info.st_ino)
+        self.isRemoteFileSystem = remote
+    }
+
+    deinit { close(descriptor) }
+
+    /// The path of a file inside the directory, for messages.
+    func path(of name: String) -> String {
+        path.hasSuffix("/") ? path + name : path + "/" + name
+    }
+
+    // NFS, SMB/CIFS, SMB2, FUSE, 9p, Ceph, AFS, Coda: file systems where other hosts' changes
+    // produce no inotify event.
+    static let remoteMagics: Set<Int64> = [0x6969, 0xFF53_4D42, 0x5346_4D42, 0x6573_5546, 0x0102_1997, 0x00C3_6400, 0x5346_414F, 0x7375_7245]
+
+    private static func makeDirectories(_ path: String) throws(TabSyncError) {
+        var prefix = path.hasPrefix("/") ? "/" : ""
+        for component in path.split(separator: "/", omittingEmptySubsequences: true) {
+            prefix += component
+            if mkdir(prefix, 0o700) != 0 {
+                let errno = Errno.current
+                if errno != .fileExists {
+                    throw TabSyncError(code: .io, path: prefix, message: "Cannot create the session directory", errno: errno)
+                }
+            }
+            prefix += "/"
+        }
+    }
+
+    static func checkOwnership(_ info: stat, path: String, what: String, forbidden: mode_t) throws(TabSyncError) {
+        if info.st_uid != geteuid() {
+            throw TabSyncError(
+                code: .insecurePath, path: path,
+                message: "The \(what) is owned by uid \(info.st_uid), not by this user (uid \(geteuid()))")
+        }
+        if info.st_mode & forbidden != 0 {
+            let mode = String(info.st_mode & 0o777, radix: 8)
+            throw TabSyncError(
+                code: .insecurePath, path: path,
+                message: "The \(what) has mode \(mode), which lets other users \(forbidden & (S_IRGRP | S_IROTH) != 0 ? "read or write" : "write") it")
+        }
+    }
+}
+
+// MARK: - Files inside the directory
+
+extension SessionDirectory {
+    /// Checks a file before it is opened: no symbolic link, FIFO or device; owned by this user,
+    /// no access for group or others. Returns nil when the file does not exist.
+    func inspect(_ name: String) throws(TabSyncError) -> stat? {
+        var info = stat()
+        guard fstatat(descriptor, name, &info, AT_SYMLINK_NOFOLLOW) == 0 else {
+            let errno = Errno.current
+            if errno == .noSuchFileOrDirectory { return nil }
+            throw TabSyncError.system("fstatat", errno, path: path(of: name))
+        }
+        try Self.checkRegular(info, path: path(of: name))
+        return info
+    }
+
+    static func checkRegular(_ info: stat, path: String) throws(TabSyncError) {
+        switch info.st_mode & S_IFMT {
+        case S_IFREG:
+            break
+        case S_IFLNK:
+            throw TabSyncError(code: .insecurePath, path: path, message: "Refusing a symbolic link in place of a TabSync file")
+        case S_IFIFO:
+            throw TabSyncError(code: .notRegularFile, path: path, message: "A FIFO stands in place of a TabSync file")
+        case S_IFCHR, S_IFBLK:
+            throw TabSyncError(code: .notRegularFile, path: path, message: "A device stands in place of a TabSync file")
+        case S_IFDIR:
+            throw TabSyncError(code: .notRegularFile, path: path, message: "A directory stands in place of a TabSync file")
+        default:
+            throw TabSyncError(code: .notRegularFile, path: path, message: "A socket or other special file stands in place of a TabSync file")
+        }
+        try checkOwnership(info, path: path, what: "file", forbidden: 0o077)
+    }
+
+    /// Opens a file in the directory with `O_NOFOLLOW | O_CLOEXEC` (and `O_NONBLOCK`, so a FIFO
+    /// planted in its place cannot hang the open), then checks what was opened.
+    func openFile(_ name: String, flags: Int32, create: Bool) throws(TabSyncError) -> Int32 {
+        var flags = flags | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK
+        if create { flags |= O_CREAT }
+        let fd = try retrying("openat", path: path(of: name)) { openat(descriptor, name, flags, 0o600) }
+        var info = stat()
+        guard fstat(fd, &info) == 0 else {
+            let errno = Errno.current
+            close(fd)
+            throw TabSyncError.system("fstat", errno, path: path(of: name))
+        }
+        do {
+            try Self.checkRegular(info, path: path(of: name))
+        } catch {
+            close(fd)
+            throw error
+        }
+        return fd
+    }
+
+    /// Returns nil when the file does not exist.
+    func openExisting(_ name: String, flags: Int32) throws(TabSyncError) -> Int32? {
+        do {
+            return try openFile(name, flags: flags, create: false)
+        } catch let error where error.errno == .noSuchFileOrDirectory {
+            return nil
+        }
+    }
+}
+
+/// Runs a system call, retrying on EINTR, and turns a failure into an error naming the path.
+@inline(__always)
+func retrying<T: BinaryInteger>(_ call: String, path: String, _ body: () -> T) throws(TabSyncError) -> T {
+    while true {
+        let result = body()
+        if result >= 0 { return result }
+        let errno = Errno.current
+        if errno == .interrupted { continue }
+        throw TabSyncError.system(call, errno, path: path)
+    }
+}

@@ -1,0 +1,379 @@
+import Foundation
+import Logging
+import Synchronization
+
+/// A change another process (or, on request, this instance) committed: the browser's `storage` event.
+public struct StorageEvent: Sendable, Hashable {
+    /// The key that changed, or nil when the storage was cleared.
+    public var key: String?
+    public var oldValue: String?
+    public var newValue: String?
+    /// The origin name of the storage that made the change ("" when unknown, in a resync).
+    public var origin: String
+    /// The change's sequence number. Events arrive in strictly increasing sequence order.
+    public var sequence: UInt64
+    /// True when this event was computed from a snapshot difference, because the journal no
+    /// longer reached back to the last change this instance had delivered (or the state was
+    /// recovered). Each changed key then gets one event with its current value.
+    public var isResync: Bool
+    /// True when this instance made the change (only seen with `includingOwnChanges`).
+    public var isOwn: Bool
+
+    public init(key: String?, oldValue: String?, newValue: String?, origin: String, sequence: UInt64, isResync: Bool = false, isOwn: Bool = false) {
+        self.key = key
+        self.oldValue = oldValue
+        self.newValue = newValue
+        self.origin = origin
+        self.sequence = sequence
+        self.isResync = isResync
+        self.isOwn = isOwn
+    }
+}
+
+/// Everything a storage reports: changes, problems, and how changes are detected.
+public enum StorageNotification: Sendable {
+    case change(StorageEvent)
+    /// Something went wrong outside any call: the state file was found corrupt (and perhaps
+    /// recovered), is of a newer version, or could not be read.
+    case problem(TabSyncError)
+    /// Change detection moved, for example to polling because inotify failed.
+    case detectionChanged(ChangeDetection)
+}
+
+/// A key/value state shared by every process that opens the same storage, with an event for
+/// every change another process commits, like `localStorage` and its `storage` event between
+/// browser tabs.
+///
+/// ```swift
+/// let storage = try SharedStorage(directory: "/run/user/1000/myapp", origin: "window-1")
+/// try storage.set("theme", "dark")
+/// for await event in storage.events() {
+///     print(event.key ?? "(clear)", event.newValue ?? "nil", "from", event.origin)
+/// }
+/// ```
+///
+/// - Reads see the latest committed state. Every mutation is an atomic read-modify-write under
+///   an exclusive lock, so concurrent writers in any processes never lose each other's changes.
+/// - Each change gets a sequence number. Every other instance delivers every change exactly once,
+///   in sequence order; one that fell behind the journal gets a resynchronisation
+///   (``StorageEvent/isResync``) instead of silent loss.
+/// - No event is delivered to the instance that made a change (unless asked), and a `set` that
+///   leaves the value unchanged commits nothing and raises no event.
+///
+/// ### Errors
+/// Calls throw ``TabSyncError``; problems found while watching arrive as
+/// ``StorageNotification/problem(_:)``.
+public final class SharedStorage: Sendable {
+    /// Settings for a storage on a session directory.
+    public struct Options: Sendable {
+        /// fsync policy of commits.
+        public var durability: Durability = .file
+        /// A state file larger than this is refused.
+        public var maximumStateBytes: Int = 16 << 20
+        /// How much history is kept for readers that fall behind.
+        public var journalLimits = JournalLimits()
+        /// The polling interval, used only when inotify cannot serve.
+        public var pollInterval: Duration = .milliseconds(250)
+        /// Where TabSync logs. Values are never logged.
+        public var logger = Logger(label: "TabSync", factory: { _ in SwiftLogNoOpLogHandler() })
+
+        public init() {}
+    }
+
+    /// The name this instance signs its changes with.
+    public let origin: String
+    /// A random identifier of this instance.
+    public let instanceID: String
+    /// Where the state lives.
+    public let backend: any StorageBackend
+    private let limits: JournalLimits
+    private let logger: Logger
+
+    private struct Subscriber {
+        var includeOwn: Bool
+        var deliver: @Sendable (StorageNotification) -> Void
+        var finish: @Sendable () -> Void
+    }
+
+    private struct Delivery {
+        /// What this instance has delivered up to; nil until the initial position is known.
+        var position: StateDocument?
+        var subscribers: [UInt64: Subscriber] = [:]
+        var nextSubscriber: UInt64 = 0
+        var lastProblem: String?
+        var detection: ChangeDetection = .inotify
+        var watch: (any WatchRegistration)?
+        var closed = false
+    }
+
+    private let delivery = Mutex(Delivery())
+
+    /// Opens the storage `name` in the session directory at `path`, creating both when missing.
+    public convenience init(directory path: String, name: String = "storage", origin: String, options: Options = Options()) throws(TabSyncError) {
+        let directory = try SessionDirectory(path: path)
+        let backend = try FileBackend(
+            directory: directory, name: name, durability: options.durability,
+            maximumStateBytes: options.maximumStateBytes, journalLimits: options.journalLimits,
+            pollInterval: options.pollInterval)
+        try self.init(backend: backend, origin: origin, options: options)
+    }
+
+    /// Opens a storage on any backend.
+    public init(backend: any StorageBackend, origin: String, options: Options = Options()) throws(TabSyncError) {
+        self.backend = backend
+        self.origin = origin
+        self.instanceID = StateDocument.newStoreID()
+        self.limits = options.journalLimits
+        self.logger = options.logger
+        let watch = backend.watch { [weak self] signal in
+            guard let self else { return }
+            switch signal {
+            case .mayHaveChanged: catchUp()
+            case let .detectionChanged(detection): changeDetection(to: detection)
+            }
+        }
+        let initial = try backend.load()
+        delivery.withLock { delivery in
+            delivery.watch = watch
+            delivery.detection = watch.detection
+            delivery.position = initial
+        }
+        if case .polling = watch.detection {
+            logger.warning("TabSync polls for changes", metadata: ["location": "\(backend.location)", "detection": "\(watch.detection)"])
+        }
+    }
+
+    deinit { close() }
+
+    /// How changes made by other processes are detected right now.
+    public var changeDetection: ChangeDetection {
+        delivery.withLock { $0.detection }
+    }
+
+    // MARK: Reading
+
+    /// The value of `key` in the latest committed state.
+    public func get(_ key: String) throws(TabSyncError) -> String? {
+        try backend.load().values[key]
+    }
+
+    /// The latest committed values and the sequence number of their last change.
+    public func snapshot() throws(TabSyncError) -> (values: [String: String], sequence: UInt64) {
+        let document = try backend.load()
+        return (document.values, document.sequence)
+    }
+
+    /// The keys in the latest committed state, sorted.
+    public func keys() throws(TabSyncError) -> [String] {
+        try backend.load().values.keys.sorted()
+    }
+
+    // MARK: Writing
+
+    /// Sets `key` to `value`. Returns the sequence number of the change, or the current one
+    /// when the value was already `value` (nothing is committed then).
+    @discardableResult
+    public func set(_ key: String, _ value: String) throws(TabSyncError) -> UInt64 {
+        try update { $0[key] = value }
+    }
+
+    /// Removes `key`. Returns the sequence number of the change, or the current one when
+    /// there was no such key.
+    @discardableResult
+    public func remove(_ key: String) throws(TabSyncError) -> UInt64 {
+        try update { $0[key] = nil }
+    }
+
+    /// Removes every key, as one change with a nil key. Returns its sequence number, or the
+    /// current one when the storage was already empty.
+    @discardableResult
+    public func clear() throws(TabSyncError) -> UInt64 {
+        try checkOpen()
+        return try backend.commit { document throws(TabSyncError) in
+            if !document.values.isEmpty {
+                document.record(key: nil, newValue: nil, origin: origin, instance: instanceID, limits: limits)
+            }
+            return document.sequence
+        }
+    }
+
+    /// Changes several keys in one atomic commit. Each key whose value changes becomes its own
+    /// change with its own sequence number; other processes see all of them or none.
+    /// Returns the sequence number of the last change.
+    @discardableResult
+    public func update(_ body: (inout [String: String]) -> Void) throws(TabSyncError) -> UInt64 {
+        try checkOpen()
+        return try backend.commit { document throws(TabSyncError) in
+            var values = document.values
+            body(&values)
+            let changed = Set(values.keys).union(document.values.keys).filter { values[$0] != document.values[$0] }.sorted()
+            for key in changed {
+                document.record(key: key, newValue: values[key], origin: origin, instance: instanceID, limits: limits)
+            }
+            return document.sequence
+        }
+    }
+
+    /// Runs `body` on the latest state under the commit lock and commits what it changed.
+    /// For layers built on top (the auth session stores its record this way).
+    public func transaction<Result>(_ body: (inout Transaction) throws(TabSyncError) -> Result) throws(TabSyncError) -> Result {
+        try checkOpen()
+        return try backend.commit { document throws(TabSyncError) in
+            var transaction = Transaction(document: document, origin: origin, instance: instanceID, limits: limits)
+            let result = try body(&transaction)
+            document = transaction.document
+            return result
+        }
+    }
+
+    /// A read-modify-write in progress; see ``SharedStorage/transaction(_:)``.
+    public struct Transaction: Sendable {
+        fileprivate var document: StateDocument
+        fileprivate let origin: String
+        fileprivate let instance: String
+        fileprivate let limits: JournalLimits
+
+        public var values: [String: String] { document.values }
+        public var sequence: UInt64 { document.sequence }
+
+        /// Sets or removes one key; nothing is recorded when the value does not change.
+        public mutating func set(_ key: String, _ value: String?) {
+            guard document.values[key] != value else { return }
+            document.record(key: key, newValue: value, origin: origin, instance: instance, limits: limits)
+        }
+    }
+
+    // MARK: Locks
+
+    /// A lock shared by every process of the session, for work that one process at a time
+    /// should do (the Web Locks API's idea).
+    public func lock(named name: String) throws(TabSyncError) -> any SessionLock {
+        try backend.lock(named: name)
+    }
+
+    // MARK: Events
+
+    /// Changes committed by other instances (and by this one with `includingOwnChanges`), in
+    /// sequence order, from now on. The stream buffers without bound; ends when the storage closes.
+    public func events(includingOwnChanges: Bool = false) -> AsyncStream<StorageEvent> {
+        AsyncStream { continuation in
+            subscribe(includeOwn: includingOwnChanges, continuation: continuation) { notification in
+                if case let .change(event) = notification { continuation.yield(event) }
+            }
+        }
+    }
+
+    /// Changes, problems and detection changes, from now on.
+    public func notifications(includingOwnChanges: Bool = false) -> AsyncStream<StorageNotification> {
+        AsyncStream { continuation in
+            subscribe(includeOwn: includingOwnChanges, continuation: continuation) { continuation.yield($0) }
+        }
+    }
+
+    private func subscribe<Element>(includeOwn: Bool, continuation: AsyncStream<Element>.Continuation, deliver: @escaping @Sendable (StorageNotification) -> Void) {
+        let id: UInt64? = delivery.withLock { delivery in
+            guard !delivery.closed else { return nil }
+            let id = delivery.nextSubscriber
+            delivery.nextSubscriber += 1
+            delivery.subscribers[id] = Subscriber(includeOwn: includeOwn, deliver: deliver, finish: { continuation.finish() })
+            return id
+        }
+        guard let id else {
+            continuation.finish()
+            return
+        }
+        continuation.onTermination = { [weak self] _ in
+            _ = self?.delivery.withLock { $0.subscribers.removeValue(forKey: id) }
+        }
+    }
+
+    /// Reads the state and delivers what changed since the last delivery. Called on every
+    /// change notification; safe to call at any time (a spurious call costs one `fstat`).
+    public func catchUp() {
+        let document: StateDocument
+        do {
+            document = try backend.load()
+        } catch {
+            report(error)
+            return
+        }
+        let recovered: TabSyncError? = delivery.withLock { delivery in
+            delivery.lastProblem = nil
+            guard let position = delivery.position, !delivery.closed else { return nil }
+            let events = Self.events(from: position, to: document, instance: instanceID)
+            guard !events.isEmpty || document.sequence != position.sequence || document.storeID != position.storeID else { return nil }
+            delivery.position = document
+            for event in events {
+                for subscriber in delivery.subscribers.values where !event.isOwn || subscriber.includeOwn {
+                    subscriber.deliver(.change(event))
+                }
+            }
+            guard position.storeID != document.storeID, !position.storeID.isEmpty, let note = document.recovery else { return nil }
+            return TabSyncError(code: .corruptState, path: backend.location, message: note)
+        }
+        if let recovered { report(recovered) }
+    }
+
+    /// The events that lead from `position` to `document`: the journal's entries when it
+    /// reaches back far enough, otherwise a snapshot difference.
+    private static func events(from position: StateDocument, to document: StateDocument, instance: String) -> [StorageEvent] {
+        let sameStore = position.storeID == document.storeID || position.storeID.isEmpty
+        if sameStore, document.sequence <= position.sequence { return [] }
+        if sameStore, let entries = document.entries(after: position.sequence) {
+            return entries.map { entry in
+                StorageEvent(
+                    key: entry.key, oldValue: entry.oldValue, newValue: entry.newValue, origin: entry.origin,
+                    sequence: entry.sequence, isOwn: entry.instance == instance)
+            }
+        }
+        var latestOrigin: [String: String] = [:]
+        for entry in document.journal { if let key = entry.key { latestOrigin[key] = entry.origin } }
+        let keys = Set(position.values.keys).union(document.values.keys).sorted()
+        return keys.compactMap { key in
+            let old = position.values[key]
+            let new = document.values[key]
+            guard old != new else { return nil }
+            return StorageEvent(key: key, oldValue: old, newValue: new, origin: latestOrigin[key] ?? "", sequence: document.sequence, isResync: true)
+        }
+    }
+
+    private func report(_ problem: TabSyncError) {
+        let subscribers: [Subscriber] = delivery.withLock { delivery in
+            guard delivery.lastProblem != problem.description else { return [] }
+            delivery.lastProblem = problem.description
+            return Array(delivery.subscribers.values)
+        }
+        logger.error("TabSync storage problem", metadata: ["code": "\(problem.code)", "problem": "\(problem)"])
+        for subscriber in subscribers { subscriber.deliver(.problem(problem)) }
+    }
+
+    private func changeDetection(to detection: ChangeDetection) {
+        let subscribers = delivery.withLock { delivery in
+            delivery.detection = detection
+            return Array(delivery.subscribers.values)
+        }
+        logger.warning("TabSync change detection changed", metadata: ["detection": "\(detection)"])
+        for subscriber in subscribers { subscriber.deliver(.detectionChanged(detection)) }
+    }
+
+    private func checkOpen() throws(TabSyncError) {
+        if delivery.withLock({ $0.closed }) {
+            throw TabSyncError(code: .closed, path: backend.location, message: "The storage is closed")
+        }
+    }
+
+    /// Stops watching and ends every event stream. Idempotent.
+    public func close() {
+        let (watch, subscribers) = delivery.withLock { delivery -> ((any WatchRegistration)?, [Subscriber]) in
+            guard !delivery.closed else { return (nil, []) }
+            delivery.closed = true
+            defer {
+                delivery.subscribers.removeAll()
+                delivery.watch = nil
+            }
+            return (delivery.watch, Array(delivery.subscribers.values))
+        }
+        watch?.cancel()
+        for subscriber in subscribers { subscriber.finish() }
+    }
+}

@@ -1,0 +1,118 @@
+import Foundation
+
+/// The state file format, version 1 (docs/FORMAT.md):
+///
+///     tabsync-state 1 <sequence> <body length> <crc32 of body, 8 lowercase hex digits>\n
+///     <body: UTF-8 JSON, exactly <body length> bytes>
+///
+/// The header repeats the sequence number so that a reader can tell whether anything changed
+/// by reading one short line.
+enum StateFileCodec {
+    static let magic = "tabsync-state"
+    static let version = 1
+    /// The longest header a valid file can have.
+    static let maximumHeaderBytes = 96
+
+    struct Header: Equatable {
+        var version: Int
+        var sequence: UInt64
+        var bodyLength: Int
+        var checksum: UInt32
+        var headerLength: Int
+    }
+
+    static func encode(_ document: StateDocument) -> [UInt8] {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
+        // Encoding plain strings and integers cannot fail.
+        let body = (try? encoder.encode(document)) ?? Data("{}".utf8)
+        let header = "\(magic) \(version) \(document.sequence) \(body.count) \(hex(CRC32.checksum(body)))\n"
+        var bytes = [UInt8](header.utf8)
+        bytes.append(contentsOf: body)
+        return bytes
+    }
+
+    /// Parses the header line. Throws ``TabSyncError/Code/corruptState`` or
+    /// ``TabSyncError/Code/unsupportedVersion``.
+    static func header(_ bytes: some Collection<UInt8>, path: String) throws(TabSyncError) -> Header {
+        guard let newline = bytes.prefix(maximumHeaderBytes).firstIndex(of: UInt8(ascii: "\n")) else {
+            throw corrupt(path, bytes.isEmpty ? "the file is empty" : "no valid header line (not a TabSync state file)")
+        }
+        let line = String(decoding: bytes[bytes.startIndex..<newline], as: UTF8.self)
+        let fields = line.split(separator: " ", omittingEmptySubsequences: false)
+        guard fields.first == Substring(magic), fields.count >= 2 else {
+            throw corrupt(path, "no valid header line (not a TabSync state file)")
+        }
+        guard let version = Int(fields[1]) else { throw corrupt(path, "the header's version is not a number") }
+        guard version == Self.version else {
+            throw TabSyncError(
+                code: .unsupportedVersion, path: path,
+                message: "The state file has format version \(version); this TabSync reads version \(Self.version) (written by a newer TabSync?)")
+        }
+        guard fields.count == 5, let sequence = UInt64(fields[2]), let length = Int(fields[3]), length >= 0,
+              fields[4].count == 8, let checksum = UInt32(fields[4], radix: 16)
+        else {
+            throw corrupt(path, "the header line is malformed")
+        }
+        return Header(version: version, sequence: sequence, bodyLength: length, checksum: checksum,
+                      headerLength: bytes.distance(from: bytes.startIndex, to: newline) + 1)
+    }
+
+    /// Decodes a whole file. Throws ``TabSyncError/Code/corruptState`` or ``TabSyncError/Code/unsupportedVersion``.
+    static func decode(_ bytes: [UInt8], path: String) throws(TabSyncError) -> StateDocument {
+        let header = try header(bytes, path: path)
+        let body = bytes[header.headerLength...]
+        guard body.count == header.bodyLength else {
+            throw corrupt(path, body.count < header.bodyLength
+                ? "the file is truncated (\(body.count) of \(header.bodyLength) body bytes)"
+                : "the file has \(body.count - header.bodyLength) bytes after its body")
+        }
+        guard CRC32.checksum(body) == header.checksum else {
+            throw corrupt(path, "the checksum does not match the contents")
+        }
+        let document: StateDocument
+        do {
+            document = try JSONDecoder().decode(StateDocument.self, from: Data(body))
+        } catch {
+            throw corrupt(path, "the body is not a valid state document")
+        }
+        guard document.sequence == header.sequence else {
+            throw corrupt(path, "the header's sequence \(header.sequence) differs from the body's \(document.sequence)")
+        }
+        if let violation = document.violation() {
+            throw corrupt(path, violation)
+        }
+        return document
+    }
+
+    static func corrupt(_ path: String, _ problem: String) -> TabSyncError {
+        TabSyncError(code: .corruptState, path: path, message: "The state file is corrupt: \(problem)")
+    }
+
+    static func hex(_ value: UInt32) -> String {
+        let digits = String(value, radix: 16)
+        return String(repeating: "0", count: 8 - digits.count) + digits
+    }
+}
+
+/// CRC-32 as in zlib, PNG and Ethernet (polynomial 0xEDB88320, reflected), so that any language's
+/// standard library (Python's `zlib.crc32`, Go's `hash/crc32`) can check a state file.
+enum CRC32 {
+    static let table: [UInt32] = (0..<256).map { index in
+        var value = UInt32(index)
+        for _ in 0..<8 {
+            value = value & 1 == 1 ? 0xEDB8_8320 ^ (value >> 1) : value >> 1
+        }
+        return value
+    }
+
+    static func checksum(_ bytes: some Sequence<UInt8>) -> UInt32 {
+        var crc: UInt32 = 0xFFFF_FFFF
+        table.withUnsafeBufferPointer { table in
+            for byte in bytes {
+                crc = table[Int((crc ^ UInt32(byte)) & 0xFF)] ^ (crc >> 8)
+            }
+        }
+        return crc ^ 0xFFFF_FFFF
+    }
+}

@@ -1,0 +1,118 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// An error from TabSync's broker: what went wrong, on which path, and the system error under it.
+///
+/// Every error names the file or directory it concerns, so that a user can act on it
+/// ("chmod 700 ~/.myapp/session"). Errors never contain stored values or tokens.
+///
+/// ### Matching
+/// Compare ``code`` against the static members of ``Code``:
+/// ```swift
+/// catch let error as TabSyncError where error.code == .corruptState { ... }
+/// ```
+public struct TabSyncError: Error, Sendable, Hashable, CustomStringConvertible {
+    /// What kind of failure this is.
+    public struct Code: Hashable, Sendable, CustomStringConvertible {
+        enum Kind: String, Sendable {
+            case insecurePath
+            case notRegularFile
+            case corruptState
+            case unsupportedVersion
+            case stateTooLarge
+            case storageFull
+            case invalidArgument
+            case io
+            case closed
+            case watcherUnavailable
+        }
+
+        let kind: Kind
+
+        /// A directory or file has the wrong owner or permissions, or is a symbolic link.
+        public static let insecurePath = Code(kind: .insecurePath)
+        /// A FIFO, device, socket or directory stands where a regular file belongs.
+        public static let notRegularFile = Code(kind: .notRegularFile)
+        /// The state file is not a valid TabSync state file (garbage, truncated, bad checksum).
+        public static let corruptState = Code(kind: .corruptState)
+        /// The state file was written by a newer, incompatible format version.
+        public static let unsupportedVersion = Code(kind: .unsupportedVersion)
+        /// The state file is larger than ``SharedStorage/Options/maximumStateBytes``.
+        public static let stateTooLarge = Code(kind: .stateTooLarge)
+        /// No space left (ENOSPC, EDQUOT) or the file size limit was hit (EFBIG).
+        public static let storageFull = Code(kind: .storageFull)
+        /// A key, a name or an option the API cannot accept.
+        public static let invalidArgument = Code(kind: .invalidArgument)
+        /// Any other system call failure.
+        public static let io = Code(kind: .io)
+        /// The storage was closed.
+        public static let closed = Code(kind: .closed)
+        /// inotify could not be used; TabSync fell back to polling.
+        public static let watcherUnavailable = Code(kind: .watcherUnavailable)
+
+        public var description: String { kind.rawValue }
+    }
+
+    /// What kind of failure this is.
+    public var code: Code
+    /// The path concerned, when there is one.
+    public var path: String?
+    /// A sentence for people. Never contains stored values.
+    public var message: String
+    /// The system error under this one, when a system call failed.
+    public var errno: Errno?
+
+    public init(code: Code, path: String?, message: String, errno: Errno? = nil) {
+        self.code = code
+        self.path = path
+        self.message = message
+        self.errno = errno
+    }
+
+    public var description: String {
+        var text = message
+        if let path { text += " (\(path))" }
+        if let errno { text += ": \(errno)" }
+        return text
+    }
+}
+
+/// A system error number, with its text from `strerror`.
+public struct Errno: Error, RawRepresentable, Hashable, Sendable, CustomStringConvertible {
+    public var rawValue: Int32
+    public init(rawValue: Int32) { self.rawValue = rawValue }
+
+    static var current: Errno { Errno(rawValue: Glibc.errno) }
+
+    public var description: String {
+        guard let text = strerror(rawValue) else { return "errno \(rawValue)" }
+        return "\(String(cString: text)) (errno \(rawValue))"
+    }
+
+    public static let noSuchFileOrDirectory = Errno(rawValue: ENOENT)
+    public static let fileExists = Errno(rawValue: EEXIST)
+    public static let interrupted = Errno(rawValue: EINTR)
+    public static let wouldBlock = Errno(rawValue: EWOULDBLOCK)
+    public static let noSpace = Errno(rawValue: ENOSPC)
+    public static let quotaExceeded = Errno(rawValue: EDQUOT)
+    public static let fileTooLarge = Errno(rawValue: EFBIG)
+    public static let tooManyLinks = Errno(rawValue: ELOOP)
+    public static let permissionDenied = Errno(rawValue: EACCES)
+    public static let notSupported = Errno(rawValue: EOPNOTSUPP)
+}
+
+extension TabSyncError {
+    /// Maps a failed system call to an error naming the path: a full disk becomes ``Code/storageFull``,
+    /// a symbolic link in place of a file becomes ``Code/insecurePath``.
+    static func system(_ call: String, _ errno: Errno, path: String) -> TabSyncError {
+        switch errno {
+        case .noSpace, .quotaExceeded, .fileTooLarge:
+            return TabSyncError(code: .storageFull, path: path, message: "No space to write '\(call)'", errno: errno)
+        case .tooManyLinks:
+            return TabSyncError(code: .insecurePath, path: path, message: "Refusing to follow a symbolic link", errno: errno)
+        default:
+            return TabSyncError(code: .io, path: path, message: "'\(call)' failed", errno: errno)
+        }
+    }
+}

@@ -1,0 +1,340 @@
+import CInotifyTools
+import Foundation
+import Synchronization
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// How a storage learns that another process committed a change.
+public enum ChangeDetection: Sendable, Hashable, CustomStringConvertible {
+    /// inotify, through libinotifytools: the process sleeps until a change arrives.
+    case inotify
+    /// Periodic checks, because inotify could not serve this directory; `reason` says why.
+    case polling(interval: Duration, reason: String)
+
+    public var description: String {
+        switch self {
+        case .inotify: "inotify"
+        case let .polling(interval, reason): "polling every \(interval) (\(reason))"
+        }
+    }
+}
+
+/// What a watch registration is told.
+enum ChangeSignal: Sendable {
+    /// A file of interest in the directory changed (its name), or something may have
+    /// changed anywhere (nil: queue overflow, watch lost, polling tick).
+    case changed(name: String?)
+    /// inotify stopped serving this registration; it is now polled.
+    case fellBackToPolling(ChangeDetection)
+}
+
+/// The one owner of libinotifytools in this process.
+///
+/// libinotifytools keeps process-global, unsynchronised state, so every call into it happens
+/// on one dedicated thread, which blocks in `inotifytools_next_event` while nothing changes
+/// (no CPU use, no periodic wake-ups). Other threads hand it commands through a queue and
+/// wake it by writing to a private, already unlinked file that it watches.
+///
+/// The thread starts with the first registration and stops, after `inotifytools_cleanup`,
+/// when the last registration is removed. Handlers run on that thread, in the order in which
+/// events arrived; they must be short.
+///
+/// ### Kernel limits
+/// Each watched directory costs one watch (`/proc/sys/fs/inotify/max_user_watches`) and the
+/// process one inotify instance (`max_user_instances`). When either is exhausted, or the
+/// directory is on a file system whose remote changes raise no events (NFS, SMB, FUSE),
+/// the registration is polled instead, and says so through ``ChangeDetection``.
+final class ChangeWatcher: Sendable {
+    static let shared = ChangeWatcher()
+
+    typealias Handler = @Sendable (ChangeSignal) -> Void
+
+    struct Registration: Sendable {
+        let id: UInt64
+        let directory: SessionDirectory
+        let names: Set<String>
+        let handler: Handler
+        var watch: Int32?
+    }
+
+    private enum Command {
+        case add(id: UInt64, reply: @Sendable (Result<Int32, TabSyncError>) -> Void)
+        case remove(watch: Int32, directory: SessionDirectory)
+    }
+
+    private struct State: ~Copyable {
+        var nextID: UInt64 = 1
+        var registrations: [UInt64: Registration] = [:]
+        var commands: [Command] = []
+        var running = false
+        var wakeDescriptor: Int32 = -1
+        var watchUsers: [Int32: Int] = [:]
+        /// Set once inotify itself failed in this process; later registrations poll at once.
+        var unavailable: String?
+    }
+
+    private let state = Mutex(State())
+    /// Held by the owner thread for its whole life, so that a new owner cannot initialise
+    /// libinotifytools before the previous one has cleaned it up.
+    private let ownership = Mutex(())
+    let poller = PollingWatcher()
+
+    /// Overflows seen (IN_Q_OVERFLOW), for tests and diagnostics.
+    let overflowCount = Atomic<Int>(0)
+
+    /// Watches `directory` for changes to the files called `names`.
+    /// Returns the registration's id and how it is being watched.
+    func register(directory: SessionDirectory, names: Set<String>, pollInterval: Duration, handler: @escaping Handler) -> (UInt64, ChangeDetection) {
+        if directory.isRemoteFileSystem {
+            return poll(directory, names, pollInterval, handler, reason: "the directory is on a network or FUSE file system, which raises no inotify events for other hosts")
+        }
+        if ProcessInfo.processInfo.environment["TABSYNC_FORCE_POLLING"] == "1" {
+            return poll(directory, names, pollInterval, handler, reason: "TABSYNC_FORCE_POLLING=1")
+        }
+        let done = DispatchSemaphore(value: 0)
+        let outcome = Mutex<Result<Int32, TabSyncError>?>(nil)
+        let start: (UInt64, Bool, String?) = state.withLock { state in
+            if let reason = state.unavailable { return (0, false, reason) }
+            let id = state.nextID
+            state.nextID += 1
+            state.registrations[id] = Registration(id: id, directory: directory, names: names, handler: handler)
+            state.commands.append(.add(id: id) { result in
+                outcome.withLock { $0 = result }
+                done.signal()
+            })
+            let mustStart = !state.running
+            if mustStart { state.running = true } else { Self.wake(state.wakeDescriptor) }
+            return (id, mustStart, nil)
+        }
+        if let reason = start.2 {
+            return poll(directory, names, pollInterval, handler, reason: reason)
+        }
+        if start.1 { startThread() }
+        done.wait()
+        switch outcome.withLock({ $0 })! {
+        case .success:
+            return (start.0, .inotify)
+        case let .failure(error):
+            state.withLock { _ = $0.registrations.removeValue(forKey: start.0) }
+            return poll(directory, names, pollInterval, handler, reason: error.description)
+        }
+    }
+
+    func unregister(_ id: UInt64) {
+        if poller.unregister(id) { return }
+        state.withLock { state in
+            guard let registration = state.registrations.removeValue(forKey: id) else { return }
+            if let watch = registration.watch {
+                state.commands.append(.remove(watch: watch, directory: registration.directory))
+                Self.wake(state.wakeDescriptor)
+            }
+        }
+    }
+
+    private func poll(_ directory: SessionDirectory, _ names: Set<String>, _ interval: Duration, _ handler: @escaping Handler, reason: String) -> (UInt64, ChangeDetection) {
+        let id = state.withLock { state in
+            defer { state.nextID += 1 }
+            return state.nextID
+        }
+        let detection = ChangeDetection.polling(interval: interval, reason: reason)
+        poller.register(id: id, interval: interval, handler: handler)
+        return (id, detection)
+    }
+
+    private static func wake(_ descriptor: Int32) {
+        guard descriptor >= 0 else { return }
+        var byte: UInt8 = 1
+        _ = pwrite(descriptor, &byte, 1, 0)
+    }
+
+    private func startThread() {
+        let thread = Thread { [self] in
+            ownership.withLock { _ in run() }
+        }
+        thread.name = "TabSync.ChangeWatcher"
+        thread.start()
+    }
+
+    // MARK: - The owner thread
+
+    private func run() {
+        guard inotifytools_init(0, 0, 0) != 0 else {
+            fail(reason: "inotify could not be initialised (\(Errno(rawValue: inotifytools_error())); see /proc/sys/fs/inotify/max_user_instances)")
+            return
+        }
+        let wake = makeWakeFile()
+        guard let wake else {
+            inotifytools_cleanup()
+            fail(reason: "inotify could not watch its wake-up file (\(Errno.current))")
+            return
+        }
+        state.withLock { $0.wakeDescriptor = wake.descriptor }
+
+        while true {
+            guard processCommands() else { break }
+            guard let event = inotifytools_next_event(-1) else {
+                let errno = Errno(rawValue: inotifytools_error())
+                dispatchFailure(reason: "reading inotify events failed (\(errno))")
+                break
+            }
+            dispatch(event, wakeWatch: wake.watch)
+        }
+
+        state.withLock { $0.wakeDescriptor = -1 }
+        close(wake.descriptor)
+        inotifytools_cleanup()
+    }
+
+    /// Runs queued commands. Returns false when no registration is left and the thread should end.
+    private func processCommands() -> Bool {
+        while true {
+            let next: Command? = state.withLock { state in
+                if state.commands.isEmpty {
+                    if state.registrations.isEmpty {
+                        state.running = false
+                    }
+                    return nil
+                }
+                return state.commands.removeFirst()
+            }
+            guard let next else {
+                return state.withLock { $0.running }
+            }
+            switch next {
+            case let .add(id, reply):
+                reply(addWatch(for: id))
+            case let .remove(watch, directory):
+                let last = state.withLock { state in
+                    // Absent: the kernel already dropped it (see forgetWatch).
+                    guard state.watchUsers[watch] != nil else { return false }
+                    state.watchUsers[watch]! -= 1
+                    if state.watchUsers[watch]! <= 0 {
+                        state.watchUsers[watch] = nil
+                        return true
+                    }
+                    return false
+                }
+                guard last else { continue }
+                var info = stat()
+                if fstat(directory.descriptor, &info) == 0, info.st_nlink == 0 {
+                    // Deleted: the kernel has dropped the watch already, and removing it
+                    // would only fail. Its record must not shadow a later watch of the path.
+                    inotifytools_set_filename_by_wd(watch, "(dropped watch \(watch))")
+                } else {
+                    _ = inotifytools_remove_watch_by_wd(watch)
+                }
+            }
+        }
+    }
+
+    private func addWatch(for id: UInt64) -> Result<Int32, TabSyncError> {
+        guard let directory = state.withLock({ $0.registrations[id]?.directory }) else {
+            return .failure(TabSyncError(code: .closed, path: nil, message: "The registration was removed"))
+        }
+        // Watching the directory through its open descriptor pins the watch to the inode
+        // that was checked, whatever happens to the path later.
+        let path = "/proc/self/fd/\(directory.descriptor)"
+        let mask = UInt32(IN_MOVED_TO | IN_CLOSE_WRITE | IN_DELETE | IN_MOVED_FROM | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR)
+        guard inotifytools_watch_file(path, Int32(bitPattern: mask)) != 0 else {
+            let errno = Errno(rawValue: inotifytools_error())
+            let hint = errno == .noSpace ? "; the inotify watch limit is exhausted, see /proc/sys/fs/inotify/max_user_watches" : ""
+            return .failure(TabSyncError(
+                code: .watcherUnavailable, path: directory.path,
+                message: "inotify cannot watch the directory\(hint)", errno: errno))
+        }
+        let watch = inotifytools_wd_from_filename(path)
+        state.withLock { state in
+            state.registrations[id]?.watch = watch
+            state.watchUsers[watch, default: 0] += 1
+        }
+        return .success(watch)
+    }
+
+    private func dispatch(_ event: UnsafeMutablePointer<inotify_event>, wakeWatch: Int32) {
+        let watch = event.pointee.wd
+        let mask = event.pointee.mask
+        if watch == wakeWatch { return }
+        var name: String?
+        if event.pointee.len > 0 {
+            name = String(cString: UnsafeRawPointer(event).advanced(by: MemoryLayout<inotify_event>.size).assumingMemoryBound(to: CChar.self))
+        }
+        if mask & UInt32(IN_IGNORED) != 0 {
+            forgetWatch(watch)
+            return
+        }
+        let overflow = mask & UInt32(IN_Q_OVERFLOW) != 0
+        if overflow { overflowCount.add(1, ordering: .relaxed) }
+        let whole = overflow || mask & UInt32(IN_DELETE_SELF | IN_MOVE_SELF) != 0
+        let targets: [Registration] = state.withLock { state in
+            state.registrations.values.filter { registration in
+                if overflow { return true }
+                guard registration.watch == watch else { return false }
+                return whole || name.map(registration.names.contains) ?? true
+            }
+        }
+        for registration in targets {
+            registration.handler(.changed(name: whole ? nil : name))
+        }
+    }
+
+    /// The kernel dropped a watch (its directory was deleted or unmounted). libinotifytools
+    /// keeps its record, keyed by path, which would shadow a later watch of the same path:
+    /// the record is renamed out of the way. Its registrations get one last signal.
+    private func forgetWatch(_ watch: Int32) {
+        let orphans: [Registration] = state.withLock { state in
+            guard state.watchUsers.removeValue(forKey: watch) != nil else { return [] }
+            var orphans: [Registration] = []
+            for (id, registration) in state.registrations where registration.watch == watch {
+                state.registrations[id]?.watch = nil
+                orphans.append(registration)
+            }
+            return orphans
+        }
+        inotifytools_set_filename_by_wd(watch, "(dropped watch \(watch))")
+        for registration in orphans { registration.handler(.changed(name: nil)) }
+    }
+
+    /// inotify stopped working: every registration moves to polling.
+    private func dispatchFailure(reason: String) {
+        fail(reason: reason)
+    }
+
+    private func fail(reason: String) {
+        let moved: [Registration] = state.withLock { state in
+            state.unavailable = reason
+            state.running = false
+            let all = Array(state.registrations.values)
+            state.registrations.removeAll()
+            state.watchUsers.removeAll()
+            for command in state.commands {
+                if case let .add(_, reply) = command {
+                    reply(.failure(TabSyncError(code: .watcherUnavailable, path: nil, message: reason)))
+                }
+            }
+            state.commands.removeAll()
+            return all
+        }
+        for registration in moved {
+            let interval = Duration.milliseconds(250)
+            poller.register(id: registration.id, interval: interval, handler: registration.handler)
+            registration.handler(.fellBackToPolling(.polling(interval: interval, reason: reason)))
+        }
+    }
+
+    private func makeWakeFile() -> (descriptor: Int32, watch: Int32)? {
+        let base = ProcessInfo.processInfo.environment["XDG_RUNTIME_DIR"].flatMap { $0.isEmpty ? nil : $0 }
+            ?? ProcessInfo.processInfo.environment["TMPDIR"].flatMap { $0.isEmpty ? nil : $0 }
+            ?? "/tmp"
+        let path = "\(base)/tabsync-wake-\(getpid())-\(UInt64.random(in: 0...UInt64.max))"
+        let descriptor = open(path, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0o600)
+        guard descriptor >= 0 else { return nil }
+        defer { unlink(path) }
+        guard inotifytools_watch_file(path, Int32(IN_MODIFY)) != 0 else {
+            close(descriptor)
+            return nil
+        }
+        return (descriptor, inotifytools_wd_from_filename(path))
+    }
+}

@@ -1,0 +1,158 @@
+import Foundation
+import Testing
+@testable import TabSync
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+@Suite(.timeLimit(.minutes(1)))
+struct SharedStorageTests {
+    @Test func setGetRemoveAndClearRoundTrip() throws {
+        let directory = TemporaryDirectory()
+        let storage = try SharedStorage(directory: directory.path, origin: "a")
+        #expect(try storage.get("theme") == nil)
+        let first = try storage.set("theme", "dark")
+        #expect(try storage.get("theme") == "dark")
+        try storage.set("lang", "en")
+        #expect(try storage.keys() == ["lang", "theme"])
+        let removed = try storage.remove("theme")
+        #expect(removed == first + 2)
+        #expect(try storage.get("theme") == nil)
+        try storage.clear()
+        #expect(try storage.snapshot().values.isEmpty)
+        #expect(try storage.snapshot().sequence == first + 3)
+    }
+
+    @Test func aSetThatLeavesTheValueUnchangedCommitsNothing() throws {
+        let directory = TemporaryDirectory()
+        let storage = try SharedStorage(directory: directory.path, origin: "a")
+        let sequence = try storage.set("k", "v")
+        #expect(try storage.set("k", "v") == sequence)
+        #expect(try storage.remove("missing") == sequence)
+        #expect(try storage.snapshot().sequence == sequence)
+    }
+
+    @Test func anotherInstanceSeesEveryChangeInOrderButNotItsOwn() async throws {
+        let directory = TemporaryDirectory()
+        let writer = try SharedStorage(directory: directory.path, origin: "writer")
+        let reader = try SharedStorage(directory: directory.path, origin: "reader")
+        var writerEvents = writer.events().makeAsyncIterator()
+        var readerEvents = reader.events().makeAsyncIterator()
+        try writer.set("a", "1")
+        try writer.set("a", "2")
+        try writer.remove("a")
+        try reader.set("mine", "x")
+
+        let expected: [(String?, String?, String?)] = [("a", nil, "1"), ("a", "1", "2"), ("a", "2", nil)]
+        var lastSequence: UInt64 = 0
+        for (key, old, new) in expected {
+            let event = try #require(await next(&readerEvents))
+            #expect(event.key == key && event.oldValue == old && event.newValue == new)
+            #expect(event.origin == "writer")
+            #expect(event.sequence > lastSequence)
+            lastSequence = event.sequence
+        }
+        // The writer sees the reader's change, not its own three.
+        let seen = try #require(await next(&writerEvents))
+        #expect(seen.key == "mine" && seen.origin == "reader" && seen.sequence == lastSequence + 1)
+    }
+
+    @Test func ownChangesAreDeliveredWhenAskedFor() async throws {
+        let directory = TemporaryDirectory()
+        let storage = try SharedStorage(directory: directory.path, origin: "self")
+        var events = storage.events(includingOwnChanges: true).makeAsyncIterator()
+        try storage.set("k", "v")
+        let event = try #require(await next(&events))
+        #expect(event.isOwn && event.key == "k" && event.newValue == "v")
+    }
+
+    @Test func concurrentWritersOfDifferentKeysAllSurvive() async throws {
+        let directory = TemporaryDirectory()
+        let storages = try (0..<4).map { try SharedStorage(directory: directory.path, origin: "w\($0)") }
+        await withTaskGroup(of: Void.self) { group in
+            for (index, storage) in storages.enumerated() {
+                group.addTask {
+                    for change in 0..<50 { _ = try? storage.set("w\(index)-\(change)", "\(change)") }
+                }
+            }
+        }
+        let values = try storages[0].snapshot().values
+        #expect(values.count == 200)
+        #expect(try storages[0].snapshot().sequence == 200)
+    }
+
+    @Test func aReaderBeyondTheJournalGetsAResyncNotSilentLoss() async throws {
+        let directory = TemporaryDirectory()
+        var options = SharedStorage.Options()
+        options.journalLimits = JournalLimits(maximumEntries: 4)
+        let writer = try SharedStorage(directory: directory.path, origin: "writer", options: options)
+        try writer.set("gone", "soon")
+        // The reader's position is taken now; ten changes later the journal (4) no longer reaches it.
+        let backend = try FileBackend(directory: SessionDirectory(path: directory.path), name: "storage")
+        let reader = try SharedStorage(backend: backend, origin: "reader")
+        var events = reader.events().makeAsyncIterator()
+        // Hold the reader's delivery back by committing through a backend transaction in one go.
+        try writer.update { values in
+            values["gone"] = nil
+            for index in 0..<10 { values["k\(index)"] = "\(index)" }
+        }
+        var received: [StorageEvent] = []
+        while received.count < 11, let event = await next(&events) { received.append(event) }
+        #expect(received.allSatisfy { $0.isResync })
+        #expect(Set(received.compactMap(\.key)) == Set(["gone"] + (0..<10).map { "k\($0)" }))
+        #expect(received.first { $0.key == "gone" }?.newValue == nil)
+    }
+
+    @Test func transactionsRecordOnlyRealChanges() throws {
+        let directory = TemporaryDirectory()
+        let storage = try SharedStorage(directory: directory.path, origin: "a")
+        let sequence = try storage.transaction { transaction in
+            transaction.set("x", "1")
+            transaction.set("x", "1")
+            transaction.set("y", nil)
+            return transaction.sequence
+        }
+        #expect(sequence == 1)
+    }
+
+    @Test func closingEndsTheEventStreams() async throws {
+        let directory = TemporaryDirectory()
+        let storage = try SharedStorage(directory: directory.path, origin: "a")
+        var events = storage.events().makeAsyncIterator()
+        storage.close()
+        #expect(await events.next() == nil)
+        #expect(throws: TabSyncError.self) { try storage.set("k", "v") }
+    }
+
+    @Test func locksExcludeEachOtherInOneProcess() async throws {
+        let directory = TemporaryDirectory()
+        let storage = try SharedStorage(directory: directory.path, origin: "a")
+        let lock = try storage.lock(named: "refresh")
+        let hold = try #require(try lock.tryAcquire())
+        #expect(try lock.tryAcquire() == nil)
+        let waiter = Task { try await lock.acquire() }
+        hold.release()
+        let second = try await waiter.value
+        #expect(try lock.tryAcquire() == nil)
+        second.release()
+        #expect(try lock.tryAcquire() != nil)
+    }
+
+    @Test func waitingForALockCanBeCancelled() async throws {
+        let directory = TemporaryDirectory()
+        let storage = try SharedStorage(directory: directory.path, origin: "a")
+        let lock = try storage.lock(named: "job")
+        let hold = try #require(try lock.tryAcquire())
+        let waiter = Task { try await lock.acquire() }
+        waiter.cancel()
+        await #expect(throws: CancellationError.self) { try await waiter.value }
+        hold.release()
+    }
+
+    @Test func watchingUsesInotify() throws {
+        let directory = TemporaryDirectory()
+        let storage = try SharedStorage(directory: directory.path, origin: "a")
+        #expect(storage.changeDetection == .inotify)
+    }
+}
