@@ -236,6 +236,12 @@ public final class SharedStorage: Sendable {
         public var values: [String: String] { document.values }
         public var sequence: UInt64 { document.sequence }
 
+        /// Forgets the past values of `key` in the journal and the previous generation;
+        /// see ``StateDocument/scrubHistory(of:)``.
+        public mutating func scrubHistory(of key: String) {
+            document.scrubHistory(of: key)
+        }
+
         /// Sets or removes one key; nothing is recorded when the value does not change.
         public mutating func set(_ key: String, _ value: String?) {
             guard document.values[key] != value else { return }

@@ -178,7 +178,7 @@ public final class FileBackend: StorageBackend {
             var (document, mustWrite) = try readLocked()
             let before = (document.storeID, document.sequence)
             let result = try body(&document)
-            if mustWrite || before != (document.storeID, document.sequence) {
+            if mustWrite || document.scrubbed || before != (document.storeID, document.sequence) {
                 try write(document)
             }
             return result
@@ -254,9 +254,11 @@ public final class FileBackend: StorageBackend {
             throw error
         }
         close(fd)
-        // Keep the generation being replaced, for recovery.
+        // Keep the generation being replaced, for recovery (unless its history was scrubbed).
         _ = unlinkat(directory.descriptor, previousName, 0)
-        _ = linkat(directory.descriptor, stateName, directory.descriptor, previousName, 0)
+        if !document.scrubbed {
+            _ = linkat(directory.descriptor, stateName, directory.descriptor, previousName, 0)
+        }
         guard renameat(directory.descriptor, temporaryName, directory.descriptor, stateName) == 0 else {
             let errno = Errno.current
             _ = unlinkat(directory.descriptor, temporaryName, 0)

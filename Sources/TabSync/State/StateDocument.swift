@@ -19,6 +19,9 @@ public struct StateDocument: Sendable, Hashable, Codable {
     /// Set when this store was created by recovering from a corrupt state file: what was found
     /// and what was recovered. Every reader that moves to this store reports it.
     public var recovery: String?
+    /// Set by ``scrubHistory(of:)``: the commit then drops the previous generation too.
+    /// Not stored.
+    public internal(set) var scrubbed = false
 
     enum CodingKeys: String, CodingKey {
         case storeID = "store"
@@ -57,6 +60,19 @@ public struct StateDocument: Sendable, Hashable, Codable {
             origin: origin, instance: instance, time: Int64(Date().timeIntervalSince1970 * 1000)))
         limits.trim(&journal)
         return sequence
+    }
+
+    /// Forgets the history of `key`: clears the old and new values of its journal entries
+    /// (but the newest entry's new value, which is the current one), and drops the previous
+    /// generation file when committed. For values that must not outlive their replacement,
+    /// such as tokens after a sign-out. Readers far behind then see those entries without values.
+    public mutating func scrubHistory(of key: String) {
+        let newest = journal.lastIndex { $0.key == key }
+        for index in journal.indices where journal[index].key == key || journal[index].key == nil {
+            journal[index].oldValue = nil
+            if index != newest { journal[index].newValue = nil }
+        }
+        scrubbed = true
     }
 
     /// The journal entries after `sequence`, or nil when the journal no longer reaches back that far.

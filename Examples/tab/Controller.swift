@@ -1,0 +1,199 @@
+import Foundation
+import TabSync
+import TabSyncAuth
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Runs one tab: prints storage and session events, and carries out commands one at a time,
+/// so that replies come in the order of the commands.
+struct Controller: Sendable {
+    let app: SharedStorage
+    let session: AuthSession
+    let output: Output
+    let name: String
+
+    func run() async {
+        // Subscribe before announcing readiness: a change after `ready` is always observed.
+        let storageNotifications = app.notifications()
+        let sessionEvents = session.events()
+        let commands = Self.standardInputLines()
+
+        await withTaskGroup(of: Void.self) { group in
+            group.addTask { await printStorage(storageNotifications) }
+            group.addTask { await printSession(sessionEvents) }
+            group.addTask { await session.run() }
+            output.emit([("type", .string("ready")), ("tab", .string(name)), ("pid", .int(Int64(getpid())))])
+            for await line in commands {
+                if line == "quit" { break }
+                await execute(line)
+            }
+            group.cancelAll()
+            app.close()
+            session.storage.close()
+        }
+    }
+
+    // MARK: Events
+
+    private func printStorage(_ notifications: AsyncStream<StorageNotification>) async {
+        for await notification in notifications {
+            switch notification {
+            case let .change(event):
+                output.emit([
+                    ("type", .string("storage")), ("key", .from(event.key)), ("oldValue", .from(event.oldValue)),
+                    ("newValue", .from(event.newValue)), ("origin", .string(event.origin)), ("seq", .int(Int64(event.sequence))),
+                ])
+            case let .problem(error):
+                output.emit([("type", .string("error")), ("code", .string(Self.code(error))), ("message", .string(error.description))])
+            case let .detectionChanged(detection):
+                output.emit([("type", .string("error")), ("code", .string("watcher")), ("message", .string("change detection: \(detection)"))])
+            }
+        }
+    }
+
+    private func printSession(_ events: AsyncStream<SessionEvent>) async {
+        for await event in events {
+            switch event {
+            case let .signedIn(origin, sequence):
+                output.emit(sessionLine("signedIn", origin: origin, reason: nil, sequence: sequence))
+            case let .refreshed(origin, sequence):
+                output.emit(sessionLine("refreshed", origin: origin, reason: nil, sequence: sequence))
+            case let .signedOut(reason, origin, sequence):
+                output.emit(sessionLine("signedOut", origin: origin, reason: reason.rawValue, sequence: sequence))
+            case let .expiring(duration, reason):
+                let seconds = max(0, Int64((Double(duration.components.seconds) + Double(duration.components.attoseconds) / 1e18).rounded()))
+                output.emit([("type", .string("sessionExpiring")), ("in", .int(seconds)), ("reason", .string(reason.rawValue))])
+            case let .problem(error):
+                output.emit([("type", .string("error")), ("code", .string(Self.code(error))), ("message", .string(error.message))])
+            }
+        }
+    }
+
+    private func sessionLine(_ state: String, origin: String, reason: String?, sequence: UInt64) -> [(String, JSON)] {
+        [("type", .string("session")), ("state", .string(state)), ("origin", .string(origin)), ("reason", .from(reason)), ("seq", .int(Int64(sequence)))]
+    }
+
+    // MARK: Commands
+
+    private func execute(_ line: String) async {
+        let words = line.split(separator: " ", maxSplits: 1, omittingEmptySubsequences: false).map(String.init)
+        let command = words.first ?? ""
+        let argument = words.count > 1 ? words[1] : ""
+        do {
+            switch command {
+            case "set":
+                let parts = argument.split(separator: " ", maxSplits: 1, omittingEmptySubsequences: false).map(String.init)
+                guard parts.count == 2, !parts[0].isEmpty else { throw BadCommand("usage: set KEY VALUE") }
+                let sequence = try app.set(parts[0], parts[1])
+                ok(command, sequence: sequence)
+            case "get":
+                guard !argument.isEmpty, !argument.contains(" ") else { throw BadCommand("usage: get KEY") }
+                output.emit([("type", .string("value")), ("key", .string(argument)), ("value", .from(try app.get(argument)))])
+            case "remove":
+                guard !argument.isEmpty, !argument.contains(" ") else { throw BadCommand("usage: remove KEY") }
+                ok(command, sequence: try app.remove(argument))
+            case "clear":
+                guard argument.isEmpty else { throw BadCommand("usage: clear") }
+                ok(command, sequence: try app.clear())
+            case "login":
+                let parts = argument.split(separator: " ", maxSplits: 1).map(String.init)
+                guard parts.count == 2 else { throw BadCommand("usage: login USER PASSWORD") }
+                try await session.signIn(username: parts[0], password: parts[1])
+                ok(command)
+            case "adopt":
+                let parts = argument.split(separator: " ").map(String.init)
+                guard parts.count == 3, let expiresIn = Int(parts[2]) else { throw BadCommand("usage: adopt ACCESS REFRESH EXPIRES_IN") }
+                try session.adopt(accessToken: parts[0], refreshToken: parts[1], expiresIn: expiresIn)
+                ok(command)
+            case "token":
+                guard argument.isEmpty else { throw BadCommand("usage: token") }
+                let token = try await session.accessToken()
+                output.emit([
+                    ("type", .string("token")), ("accessToken", .string(token.value)),
+                    ("expiresAt", .int(Int64(token.expiresAt.timeIntervalSince1970 * 1000))), ("refreshedHere", .bool(token.refreshedHere)),
+                ])
+            case "logout":
+                guard argument.isEmpty else { throw BadCommand("usage: logout") }
+                try await session.signOut(reason: .userLogout)
+                ok(command)
+            case "activity":
+                guard argument.isEmpty else { throw BadCommand("usage: activity") }
+                try session.recordActivity()
+                ok(command)
+            case "status":
+                guard argument.isEmpty else { throw BadCommand("usage: status") }
+                let status = try session.status()
+                output.emit([
+                    ("type", .string("status")), ("state", .string(status.isSignedIn ? "signedIn" : "signedOut")),
+                    ("expiresAt", .from(status.expiresAt.map { Int64($0.timeIntervalSince1970 * 1000) })),
+                    ("reason", .from(status.reason?.rawValue)), ("seq", .int(Int64(status.sequence))),
+                ])
+            default:
+                throw BadCommand("unknown command '\(command)'; commands: set get remove clear login adopt token logout activity status quit")
+            }
+        } catch let error as BadCommand {
+            failure(command, code: "badCommand", message: error.message)
+        } catch let error as TabSyncError {
+            failure(command, code: Self.code(error), message: error.description)
+        } catch let error as AuthError {
+            failure(command, code: Self.code(error), message: error.message)
+        } catch {
+            failure(command, code: "internal", message: "\(error)")
+        }
+    }
+
+    private func ok(_ command: String, sequence: UInt64? = nil) {
+        var fields: [(String, JSON)] = [("type", .string("ok")), ("cmd", .string(command))]
+        if let sequence { fields.append(("seq", .int(Int64(sequence)))) }
+        output.emit(fields)
+    }
+
+    private func failure(_ command: String, code: String, message: String) {
+        output.emit([("type", .string("error")), ("cmd", .string(command)), ("code", .string(code)), ("message", .string(message))])
+    }
+
+    static func code(_ error: TabSyncError) -> String {
+        switch error.code {
+        case .corruptState: "corruptState"
+        case .storageFull: "storageFull"
+        case .unsupportedVersion: "unsupportedVersion"
+        case .stateTooLarge: "stateTooLarge"
+        case .insecurePath, .notRegularFile: "insecurePath"
+        default: "storage"
+        }
+    }
+
+    static func code(_ error: AuthError) -> String {
+        if let storage = error.storage { return code(storage) }
+        switch error.code {
+        case .signedOut: return "signedOut"
+        case .refreshFailed: return "refreshFailed"
+        case .network: return "network"
+        case .invalidCredentials: return "invalidCredentials"
+        case .invalidClient: return "invalidClient"
+        case .invalidConfiguration: return "notConfigured"
+        default: return "server"
+        }
+    }
+
+    /// Standard input, a line at a time, read on a thread of its own.
+    static func standardInputLines() -> AsyncStream<String> {
+        AsyncStream { continuation in
+            let thread = Thread {
+                while let line = readLine(strippingNewline: true) {
+                    continuation.yield(line.hasSuffix("\r") ? String(line.dropLast()) : line)
+                }
+                continuation.finish()
+            }
+            thread.name = "tab.stdin"
+            thread.start()
+        }
+    }
+}
+
+struct BadCommand: Error {
+    let message: String
+    init(_ message: String) { self.message = message }
+}

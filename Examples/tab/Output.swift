@@ -1,0 +1,114 @@
+import Foundation
+import Synchronization
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A JSON value for one output line; objects keep their key order.
+enum JSON: Sendable {
+    case string(String)
+    case int(Int64)
+    case bool(Bool)
+    case null
+    case object([(String, JSON)])
+
+    static func from(_ text: String?) -> JSON { text.map(JSON.string) ?? .null }
+    static func from(_ number: Int64?) -> JSON { number.map(JSON.int) ?? .null }
+
+    var encoded: String {
+        switch self {
+        case let .string(text): return Self.quote(text)
+        case let .int(number): return String(number)
+        case let .bool(value): return value ? "true" : "false"
+        case .null: return "null"
+        case let .object(fields): return "{" + fields.map { Self.quote($0.0) + ":" + $0.1.encoded }.joined(separator: ",") + "}"
+        }
+    }
+
+    static func quote(_ text: String) -> String {
+        var out = "\""
+        for scalar in text.unicodeScalars {
+            switch scalar {
+            case "\"": out += "\\\""
+            case "\\": out += "\\\\"
+            case "\n": out += "\\n"
+            case "\r": out += "\\r"
+            case "\t": out += "\\t"
+            case _ where scalar.value < 0x20:
+                out += String(format: "\\u%04x", scalar.value)
+            default: out.unicodeScalars.append(scalar)
+            }
+        }
+        return out + "\""
+    }
+}
+
+/// Writes whole lines to standard output, one `write` each, so that lines from concurrent
+/// tasks never interleave and each is visible to a reading process at once.
+final class Output: Sendable {
+    let json: Bool
+    let name: String
+    let colour: Bool
+    private let lock = Mutex(())
+
+    init(json: Bool, name: String) {
+        self.json = json
+        self.name = name
+        self.colour = !json && isatty(STDOUT_FILENO) == 1
+    }
+
+    /// Prints one protocol object: as JSON, or as a readable line.
+    func emit(_ fields: [(String, JSON)]) {
+        write(json ? JSON.object(fields).encoded : readable(fields))
+    }
+
+    func write(_ line: String) {
+        let bytes = Array((line + "\n").utf8)
+        lock.withLock { _ in
+            var done = 0
+            while done < bytes.count {
+                let written = bytes.withUnsafeBytes { Glibc.write(STDOUT_FILENO, $0.baseAddress! + done, bytes.count - done) }
+                if written < 0 {
+                    if errno == EINTR { continue }
+                    return
+                }
+                done += written
+            }
+        }
+    }
+
+    private func readable(_ fields: [(String, JSON)]) -> String {
+        let type: String = {
+            if case let .string(type)? = fields.first(where: { $0.0 == "type" })?.1 { return type }
+            return "?"
+        }()
+        let rest = fields.filter { $0.0 != "type" }.map { key, value -> String in
+            let text: String
+            switch value {
+            case let .string(string): text = key == "accessToken" ? "<token, \(string.count) characters>" : string
+            case let .int(number): text = key == "expiresAt" ? Self.time(number) : String(number)
+            case let .bool(flag): text = flag ? "yes" : "no"
+            case .null: text = "-"
+            case .object: text = value.encoded
+            }
+            return "\(key)=\(text)"
+        }.joined(separator: " ")
+        let label = colour ? "\u{1B}[1m[\(name)]\u{1B}[0m" : "[\(name)]"
+        let colourCode: String = switch type {
+        case "error": "31"
+        case "session": "36"
+        case "storage": "33"
+        case "sessionExpiring": "35"
+        default: "32"
+        }
+        let kind = colour ? "\u{1B}[\(colourCode)m\(type)\u{1B}[0m" : type
+        return "\(label) \(kind) \(rest)"
+    }
+
+    private static func time(_ milliseconds: Int64) -> String {
+        let formatter = DateFormatter()
+        formatter.dateFormat = "HH:mm:ss.SSS"
+        return formatter.string(from: Date(timeIntervalSince1970: Double(milliseconds) / 1000))
+    }
+}

@@ -1,0 +1,146 @@
+import ArgumentParser
+import Foundation
+import TabSync
+import TabSyncAuth
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The example client: one "tab" of a shared session (../shared/specs/tab-protocol.md).
+@main
+struct Tab: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "tab",
+        abstract: "One tab of a TabSync session: prints what it observes, takes commands on standard input.")
+
+    @Option(help: "The shared session directory (created with mode 0700 when missing).")
+    var dir: String
+
+    @Option(help: "This tab's name, shown to the others as the origin of its changes.")
+    var name: String
+
+    @Flag(help: "Speak the machine protocol: one JSON object per line.")
+    var json = false
+
+    @Option(help: "The OAuth 2.0 token endpoint (HTTPS, or HTTP on loopback).")
+    var tokenEndpoint: String?
+
+    @Option(help: "The RFC 7009 revocation endpoint.")
+    var revocationEndpoint: String?
+
+    @Option(help: "The OAuth client id.")
+    var clientId = "tabsync"
+
+    @Option(help: "The OAuth client secret.")
+    var clientSecret: String?
+
+    @Option(help: "The scope to ask for at sign-in.")
+    var scope: String?
+
+    @Option(help: "Refresh when the access token expires within this many seconds.")
+    var leeway: Double = 30
+
+    @Option(help: "Sign out after this many seconds without activity in any tab.")
+    var idleTimeout: Double?
+
+    @Option(help: "Sign out this many seconds after sign-in.")
+    var absoluteTimeout: Double?
+
+    static func main() async {
+        signal(SIGPIPE, SIG_IGN)
+        let command: Tab
+        do {
+            command = try parseAsRoot() as! Tab
+        } catch {
+            let exitCode = Tab.exitCode(for: error)
+            if exitCode == .success {
+                print(Tab.fullMessage(for: error))
+                return
+            }
+            fail(Tab.message(for: error).split(separator: "\n").first.map(String.init) ?? "invalid arguments")
+        }
+        await command.start()
+    }
+
+    static func fail(_ message: String) -> Never {
+        FileHandle.standardError.write(Data("tab: \(message)\n".utf8))
+        Glibc.exit(2)
+    }
+
+    func start() async {
+        // Configuration first: nothing is written to the directory when it is bad.
+        guard leeway >= 0, idleTimeout.map({ $0 > 0 }) ?? true, absoluteTimeout.map({ $0 > 0 }) ?? true else {
+            Self.fail("--leeway must be zero or more, and the timeouts more than zero")
+        }
+        guard !name.isEmpty, !name.contains(where: \.isNewline) else { Self.fail("--name must be a non-empty single line") }
+        var client: OAuthClient?
+        if let tokenEndpoint {
+            guard let url = URL(string: tokenEndpoint) else { Self.fail("--token-endpoint is not a URL: \(tokenEndpoint)") }
+            let revocation = revocationEndpoint.flatMap(URL.init(string:))
+            if revocationEndpoint != nil, revocation == nil { Self.fail("--revocation-endpoint is not a URL") }
+            let configuration = OAuthConfiguration(
+                tokenEndpoint: url, revocationEndpoint: revocation, clientID: clientId, clientSecret: clientSecret, scope: scope)
+            do {
+                client = try OAuthClient(configuration: configuration)
+            } catch {
+                Self.fail(error.message)
+            }
+            for endpoint in [url, revocation].compactMap({ $0 }) {
+                if let problem = Reachability.problem(endpoint) { Self.fail(problem) }
+            }
+        } else if revocationEndpoint != nil {
+            Self.fail("--revocation-endpoint needs --token-endpoint")
+        }
+
+        let output = Output(json: json, name: name)
+        let app: SharedStorage
+        let session: AuthSession
+        do {
+            app = try SharedStorage(directory: dir, name: "app", origin: name)
+            var options = AuthSession.Options()
+            options.leeway = .milliseconds(Int64(leeway * 1000))
+            options.policy = SessionPolicy(
+                idleTimeout: idleTimeout.map { .milliseconds(Int64($0 * 1000)) },
+                absoluteTimeout: absoluteTimeout.map { .milliseconds(Int64($0 * 1000)) })
+            session = try AuthSession(directory: dir, origin: name, client: client, options: options)
+        } catch let error as TabSyncError {
+            Self.fail(error.description)
+        } catch {
+            Self.fail("\(error)")
+        }
+
+        let controller = Controller(app: app, session: session, output: output, name: name)
+        await controller.run()
+        Glibc.exit(0)
+    }
+}
+
+/// Checks, before anything is written, that an endpoint's host accepts connections.
+enum Reachability {
+    static func problem(_ url: URL) -> String? {
+        guard let host = url.host else { return "\(url.absoluteString) has no host" }
+        let port = url.port ?? (url.scheme == "https" ? 443 : 80)
+        var hints = addrinfo()
+        hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
+        var list: UnsafeMutablePointer<addrinfo>?
+        let bareHost = host.trimmingCharacters(in: CharacterSet(charactersIn: "[]"))
+        guard getaddrinfo(bareHost, String(port), &hints, &list) == 0, let first = list else {
+            return "cannot resolve the host of \(url.absoluteString)"
+        }
+        defer { freeaddrinfo(list) }
+        var entry: UnsafeMutablePointer<addrinfo>? = first
+        while let current = entry {
+            let fd = socket(current.pointee.ai_family, current.pointee.ai_socktype | Int32(SOCK_CLOEXEC.rawValue), current.pointee.ai_protocol)
+            if fd >= 0 {
+                var timeout = timeval(tv_sec: 3, tv_usec: 0)
+                setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+                let connected = connect(fd, current.pointee.ai_addr, current.pointee.ai_addrlen) == 0
+                close(fd)
+                if connected { return nil }
+            }
+            entry = current.pointee.ai_next
+        }
+        return "the endpoint \(url.absoluteString) is unreachable (no connection to \(bareHost):\(port))"
+    }
+}

@@ -1,0 +1,64 @@
+import TabSync
+
+/// An error of the auth session or its OAuth 2.0 client. Never contains a token or a secret.
+public struct AuthError: Error, Sendable, Hashable, CustomStringConvertible {
+    public struct Code: Hashable, Sendable, CustomStringConvertible {
+        let name: String
+        /// No session: nobody signed in, or the session ended (see ``AuthError/reason``).
+        public static let signedOut = Code(name: "signedOut")
+        /// The authorization server refused the refresh token (`invalid_grant`): the session ended everywhere.
+        public static let refreshFailed = Code(name: "refreshFailed")
+        /// The server refused the credentials of a password grant (`invalid_grant`).
+        public static let invalidCredentials = Code(name: "invalidCredentials")
+        /// The server refused the client (`invalid_client`, `unauthorized_client`).
+        public static let invalidClient = Code(name: "invalidClient")
+        /// A transient failure: no connection, timeout, 5xx, or a shared backoff still running.
+        public static let network = Code(name: "network")
+        /// Any other OAuth error response from the server (RFC 6749 §5.2).
+        public static let server = Code(name: "server")
+        /// The server's answer was not a valid token response.
+        public static let invalidResponse = Code(name: "invalidResponse")
+        /// Bad configuration: a non-HTTPS endpoint that is not loopback, a missing token endpoint.
+        public static let invalidConfiguration = Code(name: "invalidConfiguration")
+        /// The shared storage failed (see ``AuthError/storage``).
+        public static let storage = Code(name: "storage")
+        public var description: String { name }
+    }
+
+    public var code: Code
+    public var message: String
+    /// The OAuth `error` code from the server, when there was one.
+    public var oauthError: String?
+    /// Why the session ended, for ``Code/signedOut`` and ``Code/refreshFailed``.
+    public var reason: SignOutReason?
+    /// The storage error under a ``Code/storage`` error.
+    public var storage: TabSyncError?
+
+    public init(code: Code, message: String, oauthError: String? = nil, reason: SignOutReason? = nil, storage: TabSyncError? = nil) {
+        self.code = code
+        self.message = message
+        self.oauthError = oauthError
+        self.reason = reason
+        self.storage = storage
+    }
+
+    public var description: String { message }
+
+    static func storage(_ error: TabSyncError) -> AuthError {
+        AuthError(code: .storage, message: error.description, storage: error)
+    }
+}
+
+/// Why a session ended.
+public enum SignOutReason: String, Sendable, Hashable, Codable, CaseIterable {
+    /// A user signed out in some process.
+    case userLogout
+    /// The refresh token was refused (expired, revoked or reused), or a refresher died mid-refresh.
+    case refreshFailed
+    /// No activity in any process for the idle timeout.
+    case idleTimeout
+    /// The session reached its absolute lifetime.
+    case absoluteTimeout
+    /// The session was revoked by the application (for example after a security event).
+    case revoked
+}

@@ -1,0 +1,224 @@
+import Foundation
+#if canImport(FoundationNetworking)
+import FoundationNetworking
+#endif
+
+/// Where and how to reach the authorization server.
+public struct OAuthConfiguration: Sendable {
+    public enum ClientAuthentication: String, Sendable {
+        /// `Authorization: Basic` with the URL-encoded client id and secret (RFC 6749 §2.3.1).
+        case basic
+        /// `client_id` and `client_secret` in the form body.
+        case form
+    }
+
+    public var tokenEndpoint: URL
+    /// The RFC 7009 revocation endpoint; sign-out revokes the refresh token there when set.
+    public var revocationEndpoint: URL?
+    public var clientID: String
+    public var clientSecret: String?
+    public var clientAuthentication: ClientAuthentication
+    public var scope: String?
+    /// The timeout of one request.
+    public var timeout: Duration
+
+    public init(
+        tokenEndpoint: URL, revocationEndpoint: URL? = nil, clientID: String, clientSecret: String? = nil,
+        clientAuthentication: ClientAuthentication = .basic, scope: String? = nil, timeout: Duration = .seconds(15)
+    ) {
+        self.tokenEndpoint = tokenEndpoint
+        self.revocationEndpoint = revocationEndpoint
+        self.clientID = clientID
+        self.clientSecret = clientSecret
+        self.clientAuthentication = clientAuthentication
+        self.scope = scope
+        self.timeout = timeout
+    }
+
+    /// Checks that every endpoint is HTTPS, or HTTP on a loopback address.
+    public func validate() throws(AuthError) {
+        for endpoint in [tokenEndpoint, revocationEndpoint].compactMap({ $0 }) {
+            try Self.checkSecure(endpoint)
+        }
+    }
+
+    static func checkSecure(_ url: URL) throws(AuthError) {
+        guard let scheme = url.scheme?.lowercased(), let host = url.host?.lowercased(), !host.isEmpty else {
+            throw AuthError(code: .invalidConfiguration, message: "The endpoint \(url.absoluteString) is not an absolute http(s) URL")
+        }
+        if scheme == "https" { return }
+        let loopback = host == "localhost" || host.hasPrefix("127.") || host == "::1" || host == "[::1]"
+        guard scheme == "http", loopback else {
+            throw AuthError(
+                code: .invalidConfiguration,
+                message: "The endpoint \(url.absoluteString) must use HTTPS (plain HTTP is allowed only for loopback addresses)")
+        }
+    }
+}
+
+/// A successful token response (RFC 6749 §5.1). Its description never shows the tokens.
+public struct TokenResponse: Sendable, Hashable, CustomStringConvertible {
+    public var accessToken: String
+    public var tokenType: String
+    public var refreshToken: String?
+    public var expiresIn: Int?
+    public var scope: String?
+
+    public var description: String {
+        "TokenResponse(tokenType: \(tokenType), expiresIn: \(expiresIn.map(String.init) ?? "nil"), refreshToken: \(refreshToken == nil ? "none" : "<redacted>"), accessToken: <redacted>)"
+    }
+}
+
+/// One HTTP exchange, for ``HTTPTransport``.
+public struct HTTPExchange: Sendable {
+    public var url: URL
+    public var method: String
+    public var headers: [String: String]
+    public var body: Data
+    public var timeout: Duration
+}
+
+/// Sends HTTP requests. ``URLSessionTransport`` is the real one; tests may inject another.
+public protocol HTTPTransport: Sendable {
+    /// Returns the status code and body, or throws for a transport failure (no connection, timeout).
+    func send(_ request: HTTPExchange) async throws -> (status: Int, body: Data)
+}
+
+/// HTTP through URLSession (FoundationNetworking, libcurl underneath).
+public struct URLSessionTransport: HTTPTransport {
+    public init() {}
+
+    public func send(_ request: HTTPExchange) async throws -> (status: Int, body: Data) {
+        var urlRequest = URLRequest(url: request.url)
+        urlRequest.httpMethod = request.method
+        urlRequest.httpBody = request.body
+        let (seconds, attoseconds) = request.timeout.components
+        urlRequest.timeoutInterval = Double(seconds) + Double(attoseconds) / 1e18
+        for (name, value) in request.headers { urlRequest.setValue(value, forHTTPHeaderField: name) }
+        let configuration = URLSessionConfiguration.ephemeral
+        configuration.urlCache = nil
+        let session = URLSession(configuration: configuration)
+        defer { session.finishTasksAndInvalidate() }
+        let (data, response) = try await session.data(for: urlRequest)
+        return ((response as? HTTPURLResponse)?.statusCode ?? 0, data)
+    }
+}
+
+/// An OAuth 2.0 client for the token endpoint: the password grant, the refresh-token grant
+/// (RFC 6749 §6) and token revocation (RFC 7009). Error responses are parsed per §5.2;
+/// an empty or non-JSON error body is handled by its status code.
+public struct OAuthClient: Sendable {
+    public let configuration: OAuthConfiguration
+    let transport: any HTTPTransport
+
+    public init(configuration: OAuthConfiguration, transport: any HTTPTransport = URLSessionTransport()) throws(AuthError) {
+        try configuration.validate()
+        self.configuration = configuration
+        self.transport = transport
+    }
+
+    /// The resource owner password credentials grant (RFC 6749 §4.3).
+    public func password(username: String, password: String) async throws(AuthError) -> TokenResponse {
+        var form = ["grant_type": "password", "username": username, "password": password]
+        if let scope = configuration.scope { form["scope"] = scope }
+        return try await tokenRequest(form, grant: "password")
+    }
+
+    /// The refresh-token grant (RFC 6749 §6).
+    public func refresh(refreshToken: String) async throws(AuthError) -> TokenResponse {
+        try await tokenRequest(["grant_type": "refresh_token", "refresh_token": refreshToken], grant: "refresh_token")
+    }
+
+    /// Revokes a token (RFC 7009). Does nothing without a revocation endpoint.
+    public func revoke(token: String, hint: String = "refresh_token") async throws(AuthError) {
+        guard let endpoint = configuration.revocationEndpoint else { return }
+        let (status, body) = try await post(endpoint, ["token": token, "token_type_hint": hint])
+        guard status == 200 else { throw Self.error(status: status, body: body, grant: "revocation") }
+    }
+
+    private func tokenRequest(_ form: [String: String], grant: String) async throws(AuthError) -> TokenResponse {
+        let (status, body) = try await post(configuration.tokenEndpoint, form)
+        guard status == 200 else { throw Self.error(status: status, body: body, grant: grant) }
+        guard let object = try? JSONSerialization.jsonObject(with: body) as? [String: Any],
+              let accessToken = object["access_token"] as? String, !accessToken.isEmpty,
+              let tokenType = object["token_type"] as? String
+        else {
+            throw AuthError(code: .invalidResponse, message: "The token endpoint's answer is not a valid token response")
+        }
+        let expiresIn = (object["expires_in"] as? NSNumber)?.intValue ?? (object["expires_in"] as? String).flatMap { Int($0) }
+        return TokenResponse(
+            accessToken: accessToken, tokenType: tokenType, refreshToken: object["refresh_token"] as? String,
+            expiresIn: expiresIn, scope: object["scope"] as? String)
+    }
+
+    private func post(_ url: URL, _ form: [String: String]) async throws(AuthError) -> (Int, Data) {
+        var form = form
+        var headers = ["Content-Type": "application/x-www-form-urlencoded", "Accept": "application/json"]
+        switch configuration.clientAuthentication {
+        case .basic:
+            let credentials = "\(Self.formEncode(configuration.clientID)):\(Self.formEncode(configuration.clientSecret ?? ""))"
+            headers["Authorization"] = "Basic " + Data(credentials.utf8).base64EncodedString()
+        case .form:
+            form["client_id"] = configuration.clientID
+            if let secret = configuration.clientSecret { form["client_secret"] = secret }
+        }
+        let body = form.sorted { $0.key < $1.key }.map { "\(Self.formEncode($0.key))=\(Self.formEncode($0.value))" }.joined(separator: "&")
+        let exchange = HTTPExchange(url: url, method: "POST", headers: headers, body: Data(body.utf8), timeout: configuration.timeout)
+        do {
+            let (status, data) = try await transport.send(exchange)
+            return (status, data)
+        } catch is CancellationError {
+            throw AuthError(code: .network, message: "The request to \(url.absoluteString) was cancelled")
+        } catch {
+            throw AuthError(code: .network, message: "The request to \(url.absoluteString) failed: \(error.localizedDescription)")
+        }
+    }
+
+    static func formEncode(_ text: String) -> String {
+        var allowed = CharacterSet.alphanumerics
+        allowed.insert(charactersIn: "-._~")
+        return text.addingPercentEncoding(withAllowedCharacters: allowed) ?? text
+    }
+
+    /// Maps an error response (RFC 6749 §5.2) to an ``AuthError``.
+    static func error(status: Int, body: Data, grant: String) -> AuthError {
+        let object = (try? JSONSerialization.jsonObject(with: body)) as? [String: Any]
+        let code = object?["error"] as? String
+        let description = (object?["error_description"] as? String).map { ": \($0)" } ?? ""
+        if status >= 500 || status == 429 || status == 408 {
+            return AuthError(code: .network, message: "The authorization server answered \(status) to the \(grant) request\(description)", oauthError: code)
+        }
+        switch code {
+        case "invalid_grant":
+            return AuthError(
+                code: grant == "refresh_token" ? .refreshFailed : .invalidCredentials,
+                message: "The authorization server refused the \(grant == "refresh_token" ? "refresh token" : "credentials") (invalid_grant\(description))",
+                oauthError: code, reason: grant == "refresh_token" ? .refreshFailed : nil)
+        case "invalid_client", "unauthorized_client":
+            return AuthError(code: .invalidClient, message: "The authorization server refused the client (\(code!)\(description))", oauthError: code)
+        case let code?:
+            return AuthError(code: .server, message: "The authorization server answered \(status) \(code)\(description)", oauthError: code)
+        case nil:
+            if status == 401 {
+                return AuthError(code: .invalidClient, message: "The authorization server answered 401 with no error body (client authentication failed?)")
+            }
+            return AuthError(code: .server, message: "The authorization server answered \(status) with no OAuth error body")
+        }
+    }
+}
+
+/// Reads the `exp` claim of a JWT without checking its signature (the client only needs to
+/// know when to refresh; the resource server checks the token).
+enum JWTExpiry {
+    static func expiry(of token: String) -> Date? {
+        let parts = token.split(separator: ".", omittingEmptySubsequences: false)
+        guard parts.count == 3 else { return nil }
+        var base64 = parts[1].replacingOccurrences(of: "-", with: "+").replacingOccurrences(of: "_", with: "/")
+        base64 += String(repeating: "=", count: (4 - base64.count % 4) % 4)
+        guard let data = Data(base64Encoded: base64),
+              let claims = (try? JSONSerialization.jsonObject(with: data)) as? [String: Any],
+              let exp = (claims["exp"] as? NSNumber)?.doubleValue
+        else { return nil }
+        return Date(timeIntervalSince1970: exp)
+    }
+}
