@@ -49,6 +49,8 @@ struct Tab: AsyncParsableCommand {
 
     static func main() async {
         signal(SIGPIPE, SIG_IGN)
+        // A file size limit (RLIMIT_FSIZE) then fails the write with EFBIG instead of killing the tab.
+        signal(SIGXFSZ, SIG_IGN)
         let command: Tab
         do {
             command = try parseAsRoot() as! Tab

@@ -1,0 +1,144 @@
+import Foundation
+#if canImport(FoundationNetworking)
+import FoundationNetworking
+#endif
+import Synchronization
+import Testing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The package's build products folder (the test bundle runs from it).
+let productsDirectory: String = {
+    let executable = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
+    var url = URL(fileURLWithPath: executable).deletingLastPathComponent()
+    while !FileManager.default.fileExists(atPath: url.appendingPathComponent("tab").path), url.path != "/" {
+        url.deleteLastPathComponent()
+    }
+    return url.path
+}()
+
+let repositoryRoot: String = {
+    var url = URL(fileURLWithPath: #filePath)
+    while !FileManager.default.fileExists(atPath: url.appendingPathComponent("Package.swift").path), url.path != "/" {
+        url.deleteLastPathComponent()
+    }
+    return url.path
+}()
+
+struct TestFailure: Error, CustomStringConvertible {
+    let description: String
+    init(_ description: String) { self.description = description }
+}
+
+/// A child process whose standard output is read line by line on a thread of its own.
+/// Waiting is always for a line that matches, with a deadline.
+final class ChildProcess: Sendable {
+    let name: String
+    let process: Process
+    private let input: FileHandle
+    private let lines = Mutex<[String]>([])
+    private let errors = Mutex<String>("")
+
+    init(_ executable: String, _ arguments: [String], name: String, environment: [String: String] = [:]) throws {
+        self.name = name
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: executable)
+        process.arguments = arguments
+        var env = ProcessInfo.processInfo.environment
+        env.merge(environment) { $1 }
+        process.environment = env
+        let stdin = Pipe(), stdout = Pipe(), stderr = Pipe()
+        process.standardInput = stdin
+        process.standardOutput = stdout
+        process.standardError = stderr
+        try process.run()
+        self.process = process
+        self.input = stdin.fileHandleForWriting
+        Self.read(stdout.fileHandleForReading) { [self] line in lines.withLock { $0.append(line) } }
+        Self.read(stderr.fileHandleForReading) { [self] line in errors.withLock { $0 += line + "\n" } }
+    }
+
+    private static func read(_ handle: FileHandle, _ deliver: @escaping @Sendable (String) -> Void) {
+        let thread = Thread {
+            var buffer = Data()
+            while true {
+                let chunk = handle.availableData
+                if chunk.isEmpty { break }
+                buffer.append(chunk)
+                while let newline = buffer.firstIndex(of: UInt8(ascii: "\n")) {
+                    deliver(String(decoding: buffer[buffer.startIndex..<newline], as: UTF8.self))
+                    buffer.removeSubrange(buffer.startIndex...newline)
+                }
+            }
+            if !buffer.isEmpty { deliver(String(decoding: buffer, as: UTF8.self)) }
+        }
+        thread.start()
+    }
+
+    func send(_ line: String) {
+        try? input.write(contentsOf: Data((line + "\n").utf8))
+    }
+
+    func closeInput() { try? input.close() }
+
+    var output: [String] { lines.withLock { $0 } }
+    var standardError: String { errors.withLock { $0 } }
+
+    /// Output lines parsed as JSON objects (non-JSON lines skipped).
+    var objects: [[String: any Sendable]] {
+        output.compactMap { line in
+            (try? JSONSerialization.jsonObject(with: Data(line.utf8))) as? [String: any Sendable]
+        }
+    }
+
+    /// Waits until `count` output objects match, then returns them.
+    @discardableResult
+    func waitFor(
+        _ description: String, count: Int = 1, timeout: Duration = .seconds(20),
+        where predicate: ([String: any Sendable]) -> Bool
+    ) async throws -> [[String: any Sendable]] {
+        let deadline = ContinuousClock.now + timeout
+        while true {
+            let matches = objects.filter(predicate)
+            if matches.count >= count { return matches }
+            if ContinuousClock.now >= deadline {
+                throw TestFailure("\(name): timed out after \(timeout) waiting for \(count) × \(description); got \(matches.count). Output:\n\(output.suffix(20).joined(separator: "\n"))\nstderr: \(standardError)")
+            }
+            if !process.isRunning, matches.count < count, objects.filter(predicate).count < count {
+                throw TestFailure("\(name): exited (\(process.terminationStatus)) while waiting for \(description). stderr: \(standardError)")
+            }
+            try await Task.sleep(for: .milliseconds(10))
+        }
+    }
+
+    func kill(_ signal: Int32 = SIGKILL) { Glibc.kill(process.processIdentifier, signal) }
+
+    func stop() {
+        if process.isRunning {
+            closeInput()
+            kill(SIGTERM)
+        }
+        process.waitUntilExit()
+    }
+}
+
+/// A `tab` process, ready when this returns.
+func launchTab(name: String, directory: String, extra: [String] = []) async throws -> ChildProcess {
+    let tab = try ChildProcess("\(productsDirectory)/tab", ["--dir", directory, "--name", name, "--json"] + extra, name: name)
+    try await tab.waitFor("ready") { $0["type"] as? String == "ready" }
+    return tab
+}
+
+func temporaryDirectory(_ label: String) -> String {
+    "\(FileManager.default.temporaryDirectory.path)/tabsync-it-\(label)-\(UUID().uuidString.prefix(8))"
+}
+
+/// A small HTTP helper for the servers' control endpoints.
+func httpJSON(_ method: String, _ url: String) async throws -> [String: any Sendable] {
+    var request = URLRequest(url: URL(string: url)!)
+    request.httpMethod = method
+    let (data, _) = try await URLSession.shared.data(for: request)
+    return (try JSONSerialization.jsonObject(with: data) as? [String: any Sendable]) ?? [:]
+}
