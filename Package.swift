@@ -83,7 +83,7 @@ let package = Package(
         ),
         .testTarget(
             name: "TabSyncAuthTests",
-            dependencies: ["TabSyncAuth"],
+            dependencies: ["TabSync", "TabSyncAuth"],
             swiftSettings: strictSettings
         ),
         .testTarget(

@@ -25,6 +25,8 @@ struct Controller: Sendable {
             group.addTask { await printSession(sessionEvents) }
             group.addTask { await session.run() }
             output.emit([("type", .string("ready")), ("tab", .string(name)), ("pid", .int(Int64(getpid())))])
+            // Polling from the start (inotify unavailable) is reported like a later fallback.
+            if case .polling = app.changeDetection { reportDetection(app.changeDetection) }
             for await line in commands {
                 if line == "quit" { break }
                 await execute(line)
@@ -48,9 +50,13 @@ struct Controller: Sendable {
             case let .problem(error):
                 output.emit([("type", .string("error")), ("code", .string(Self.code(error))), ("message", .string(error.description))])
             case let .detectionChanged(detection):
-                output.emit([("type", .string("error")), ("code", .string("watcher")), ("message", .string("change detection: \(detection)"))])
+                reportDetection(detection)
             }
         }
+    }
+
+    private func reportDetection(_ detection: ChangeDetection) {
+        output.emit([("type", .string("error")), ("code", .string("watcherUnavailable")), ("message", .string("change detection: \(detection)"))])
     }
 
     private func printSession(_ events: AsyncStream<SessionEvent>) async {

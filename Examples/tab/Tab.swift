@@ -51,9 +51,14 @@ struct Tab: AsyncParsableCommand {
         signal(SIGPIPE, SIG_IGN)
         // A file size limit (RLIMIT_FSIZE) then fails the write with EFBIG instead of killing the tab.
         signal(SIGXFSZ, SIG_IGN)
+        // A parent may have started us with signals blocked (posix_spawn passes on the mask of
+        // the thread that spawned): unblock them, so that SIGTERM and Ctrl-C stop the tab.
+        var none = sigset_t()
+        sigemptyset(&none)
+        sigprocmask(SIG_SETMASK, &none, nil)
         let command: Tab
         do {
-            command = try parseAsRoot() as! Tab
+            command = try Tab.parse()
         } catch {
             let exitCode = Tab.exitCode(for: error)
             if exitCode == .success {

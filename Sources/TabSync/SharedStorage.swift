@@ -107,6 +107,10 @@ public final class SharedStorage: Sendable {
     }
 
     private let delivery = Mutex(Delivery())
+    /// Serialises catch-ups, so that changes reach subscribers in order while `delivery` is not
+    /// held: a subscriber's stream may end (and its termination handler take `delivery`) during a
+    /// hand-over, which must not deadlock.
+    private let deliveryOrder = Mutex(())
 
     /// Opens the storage `name` in the session directory at `path`, creating both when missing.
     public convenience init(directory path: String, name: String = "storage", origin: String, options: Options = Options()) throws(TabSyncError) {
@@ -289,13 +293,19 @@ public final class SharedStorage: Sendable {
             return
         }
         continuation.onTermination = { [weak self] _ in
-            _ = self?.delivery.withLock { $0.subscribers.removeValue(forKey: id) }
+            // The subscriber is released after the lock: releasing it may end other streams.
+            let removed = self?.delivery.withLock { $0.subscribers.removeValue(forKey: id) }
+            withExtendedLifetime(removed) {}
         }
     }
 
     /// Reads the state and delivers what changed since the last delivery. Called on every
     /// change notification; safe to call at any time (a spurious call costs one `fstat`).
     public func catchUp() {
+        deliveryOrder.withLock { _ in catchUpInOrder() }
+    }
+
+    private func catchUpInOrder() {
         let document: StateDocument
         do {
             document = try backend.load()
@@ -303,19 +313,27 @@ public final class SharedStorage: Sendable {
             report(error)
             return
         }
-        let recovered: TabSyncError? = delivery.withLock { delivery in
+        // A missing state file (deleted by someone) is no change: the next commit creates a new
+        // store, and this instance resynchronises to it then. Delivering it as "every key removed"
+        // would send the sequence number back to 0.
+        guard !document.storeID.isEmpty else { return }
+        let (events, subscribers, recovered) = delivery.withLock { delivery -> ([StorageEvent], [Subscriber], TabSyncError?) in
             delivery.lastProblem = nil
-            guard let position = delivery.position, !delivery.closed else { return nil }
-            let events = Self.events(from: position, to: document, instance: instanceID)
-            guard !events.isEmpty || document.sequence != position.sequence || document.storeID != position.storeID else { return nil }
+            guard let position = delivery.position, !delivery.closed else { return ([], [], nil) }
+            if position.storeID == document.storeID, document.sequence <= position.sequence { return ([], [], nil) }
             delivery.position = document
-            for event in events {
-                for subscriber in delivery.subscribers.values where !event.isOwn || subscriber.includeOwn {
-                    subscriber.deliver(.change(event))
-                }
+            let events = Self.events(from: position, to: document, instance: instanceID)
+            var recovered: TabSyncError?
+            if position.storeID != document.storeID, !position.storeID.isEmpty, let note = document.recovery {
+                recovered = TabSyncError(code: .corruptState, path: backend.location, message: note)
             }
-            guard position.storeID != document.storeID, !position.storeID.isEmpty, let note = document.recovery else { return nil }
-            return TabSyncError(code: .corruptState, path: backend.location, message: note)
+            return (events, Array(delivery.subscribers.values), recovered)
+        }
+        // Handed over outside `delivery` (see deliveryOrder), in sequence order.
+        for event in events {
+            for subscriber in subscribers where !event.isOwn || subscriber.includeOwn {
+                subscriber.deliver(.change(event))
+            }
         }
         if let recovered { report(recovered) }
     }

@@ -239,16 +239,18 @@ public final class AuthSession: Sendable {
             if record.expiresAt == nil {
                 return AccessToken(value: token, expiresAt: .distantFuture, refreshedHere: false)
             }
-            if let result = try await refresh(generation: record.generation) { return result }
+            if let result = try await refresh(generation: record.generation, margin: margin) { return result }
         }
     }
 
     /// One refresh attempt for `generation`, shared by every caller in this process.
     /// Returns nil when another process refreshed (the caller reads the new record).
-    private func refresh(generation: Int) async throws(AuthError) -> AccessToken? {
+    /// `margin`: the token is refreshed when it expires within this long (the leeway, or more
+    /// for a proactive refresh).
+    private func refresh(generation: Int, margin: Duration) async throws(AuthError) -> AccessToken? {
         let task = inFlight.withLock { current in
             if let current, current.generation == generation { return current.task }
-            let task = Task { await self.electAndRefresh(generation: generation) }
+            let task = Task { await self.electAndRefresh(generation: generation, margin: margin) }
             current = (generation, task)
             return task
         }
@@ -263,7 +265,7 @@ public final class AuthSession: Sendable {
     }
 
     /// Takes the refresh lock, or waits for whoever has it to publish an outcome.
-    private func electAndRefresh(generation: Int) async -> Result<AccessToken, AuthError> {
+    private func electAndRefresh(generation: Int, margin: Duration) async -> Result<AccessToken, AuthError> {
         let lock: any SessionLock
         do { lock = try storage.lock(named: "refresh") } catch { return .failure(.storage(error)) }
         // Subscribe before looking, so that an outcome published meanwhile is not missed.
@@ -280,7 +282,7 @@ public final class AuthSession: Sendable {
         }
         defer { hold?.release() }
         do throws(AuthError) {
-            return .success(try await refreshHoldingLock(generation: generation))
+            return .success(try await refreshHoldingLock(generation: generation, margin: margin))
         } catch {
             return .failure(error)
         }
@@ -309,13 +311,13 @@ public final class AuthSession: Sendable {
         }
     }
 
-    private func refreshHoldingLock(generation: Int) async throws(AuthError) -> AccessToken {
+    private func refreshHoldingLock(generation: Int, margin: Duration) async throws(AuthError) -> AccessToken {
         let client = try requireClient()
         let now = Date()
         enum Plan { case done, refresh(String), interrupted(SessionRecord.Refreshing), backoff(Int64) }
         let plan: Plan = try change { record in
             guard record.state == .signedIn, record.generation == generation else { return .done }
-            if let expiresAt = record.expiresAt, expiresAt - options.leeway.milliseconds > now.millisecondsSince1970 { return .done }
+            if let expiresAt = record.expiresAt, expiresAt - margin.milliseconds > now.millisecondsSince1970 { return .done }
             if let refreshing = record.refreshing { return .interrupted(refreshing) }
             if let until = record.backoffUntil, until > now.millisecondsSince1970 { return .backoff(until) }
             guard let token = record.refreshToken else { return .done }
@@ -353,9 +355,14 @@ public final class AuthSession: Sendable {
                 options.logger.info("Refreshed the access token", metadata: ["origin": "\(origin)"])
                 return AccessToken(value: response.accessToken, expiresAt: expiresAt, refreshedHere: true)
             } catch where error.code == .refreshFailed {
-                try change { record in
-                    if record.state == .signedIn, record.generation == generation { record.signOut(reason: .refreshFailed, origin: origin) }
+                let ended: Bool = try change { record in
+                    guard record.state == .signedIn, record.generation == generation else { return false }
+                    record.signOut(reason: .refreshFailed, origin: origin)
+                    return true
                 }
+                // Refused because the session ended (or began anew) meanwhile, for example a
+                // sign-out elsewhere revoked this refresh token: not a failure of the session.
+                guard ended else { throw AuthError(code: .signedOut, message: "The session ended during the refresh", reason: nil) }
                 throw error
             } catch where error.code == .network {
                 try change { record in
@@ -429,6 +436,8 @@ public final class AuthSession: Sendable {
                 let now = Date().millisecondsSince1970
                 if let (deadline, reason) = Self.deadline(of: record) {
                     if deadline <= now {
+                        // The notice always comes first, even when this process woke up late.
+                        if warned.insert(deadline).inserted { broadcast(.expiring(in: .zero, reason: reason)) }
                         try? await expire(startedAt: record.startedAt, reason: reason)
                         continue
                     }

@@ -61,6 +61,10 @@ def copy_db(src, dst):
 
 
 def main():
+    # A parent may have spawned us with signals blocked (posix_spawn inherits the spawning
+    # thread's mask): unblock them so that SIGTERM stops gunicorn.
+    import signal
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
     args = parse_args()
     data = os.path.abspath(args.data)
     os.makedirs(data, exist_ok=True)

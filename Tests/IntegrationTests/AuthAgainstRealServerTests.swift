@@ -41,10 +41,20 @@ final class AuthorizationServer: Sendable {
          "--client-id", "tabsync-test", "--client-secret", "tabsync-secret", "--leeway", "1"]
     }
 
-    func stats() async throws -> (refresh: Int, reused: Int) {
+    func stats() async throws -> (refresh: Int, reused: Int, inFlight: Int) {
         let stats = try await httpJSON("GET", "\(base)/test/stats")
         let reused = try await httpJSON("GET", "\(base)/test/reused")
-        return ((stats["refresh"] as? NSNumber)?.intValue ?? -1, (reused["reused"] as? NSNumber)?.intValue ?? -1)
+        return ((stats["refresh"] as? NSNumber)?.intValue ?? -1, (reused["reused"] as? NSNumber)?.intValue ?? -1,
+                (stats["refresh_in_flight"] as? NSNumber)?.intValue ?? -1)
+    }
+
+    /// Waits until the server has answered every refresh request it received.
+    func waitUntilRefreshesAnswered(timeout: Duration = .seconds(30)) async throws {
+        let deadline = ContinuousClock.now + timeout
+        while try await stats().inFlight != 0 {
+            guard ContinuousClock.now < deadline else { throw TestFailure("a refresh request was still in flight after \(timeout)") }
+            try await Task.sleep(for: .milliseconds(50))
+        }
     }
 
     deinit { process.stop() }
@@ -67,9 +77,8 @@ struct AuthAgainstRealServerTests {
 
     /// Waits until the access token has expired (plus the leeway of one second).
     func waitForExpiry(_ tab: ChildProcess) async throws {
-        tab.send("status")
-        let status = try await tab.waitFor("status") { $0["type"] as? String == "status" }
-        let expiresAt = (status.last?["expiresAt"] as? NSNumber)?.doubleValue ?? 0
+        let status = try await tab.ask("status", expecting: ["status"])
+        let expiresAt = (status["expiresAt"] as? NSNumber)?.doubleValue ?? 0
         let wait = expiresAt / 1000 - Date().timeIntervalSince1970 + 0.1
         if wait > 0 { try await Task.sleep(for: .milliseconds(Int(wait * 1000))) }
     }
@@ -114,9 +123,8 @@ struct AuthAgainstRealServerTests {
         defer { tabs.forEach { $0.stop() } }
         _ = try await httpJSON("POST", "\(server.base)/test/revoke-all")
         try await waitForExpiry(tabs[0])
-        tabs[1].send("token")
-        let reply = try await tabs[1].waitFor("token reply") { ["token", "error"].contains($0["type"] as? String) }
-        #expect(reply[0]["code"] as? String == "refreshFailed")
+        let reply = try await tabs[1].ask("token", expecting: ["token", "error"])
+        #expect(reply["code"] as? String == "refreshFailed")
         for tab in tabs {
             try await tab.waitFor("signedOut") {
                 $0["type"] as? String == "session" && $0["state"] as? String == "signedOut" && $0["reason"] as? String == "refreshFailed"
@@ -125,9 +133,8 @@ struct AuthAgainstRealServerTests {
         // Visible to a process started later, and the tokens are gone from disk.
         let late = try await launchTab(name: "late", directory: directory, extra: server.tabArguments)
         defer { late.stop() }
-        late.send("status")
-        let status = try await late.waitFor("status") { $0["type"] as? String == "status" }
-        #expect(status[0]["state"] as? String == "signedOut" && status[0]["reason"] as? String == "refreshFailed")
+        let status = try await late.ask("status", expecting: ["status"])
+        #expect(status["state"] as? String == "signedOut" && status["reason"] as? String == "refreshFailed")
         let files = try FileManager.default.contentsOfDirectory(atPath: directory)
         for file in files where file.hasPrefix("session.state") {
             let contents = try String(contentsOfFile: "\(directory)/\(file)", encoding: .utf8)
@@ -151,14 +158,13 @@ struct AuthAgainstRealServerTests {
             try await Task.sleep(for: .milliseconds(20))
         }
         tabs[0].kill(SIGKILL)
-        tabs[1].send("token")
-        let reply = try await tabs[1].waitFor("token reply") { ["token", "error"].contains($0["type"] as? String) }
+        let reply = try await tabs[1].ask("token", expecting: ["token", "error"])
         // Documented outcome: the interrupted refresh may have rotated the token, so the session ends cleanly.
-        #expect(reply[0]["code"] as? String == "refreshFailed")
+        #expect(reply["code"] as? String == "refreshFailed")
         for tab in tabs.dropFirst() {
             try await tab.waitFor("signedOut") { $0["type"] as? String == "session" && $0["reason"] as? String == "refreshFailed" }
         }
-        try await Task.sleep(for: .seconds(5)) // let the slowed request finish at the server
+        try await server.waitUntilRefreshesAnswered() // the slowed request, rotated at the server
         let stats = try await server.stats()
         #expect(stats.reused == 0, "a refresh token was presented twice")
         #expect(stats.refresh == 1)

@@ -6,7 +6,7 @@ import Glibc
 #endif
 
 /// Real `tab` processes sharing one session directory.
-@Suite(.serialized, .timeLimit(.minutes(5)))
+@Suite(.serialized, .timeLimit(.minutes(10)))
 struct StorageAcrossProcessesTests {
     @Test func fourWritersAndFourObserversAgreeOnEveryChange() async throws {
         let directory = temporaryDirectory("storage")
@@ -23,11 +23,11 @@ struct StorageAcrossProcessesTests {
             writer.send((0..<changes).map { "set w\(index)-k\($0) value \($0) of writer \(index)" }.joined(separator: "\n"))
         }
         for writer in writers {
-            try await writer.waitFor("ok replies", count: changes, timeout: .seconds(120)) { $0["type"] as? String == "ok" }
+            try await writer.waitFor("ok replies", count: changes, timeout: .seconds(300)) { $0["type"] as? String == "ok" }
         }
         let total = changes * writers.count
         for observer in observers {
-            let events = try await observer.waitFor("storage events", count: total, timeout: .seconds(120)) { $0["type"] as? String == "storage" }
+            let events = try await observer.waitFor("storage events", count: total, timeout: .seconds(300)) { $0["type"] as? String == "storage" }
             let sequences = events.compactMap { ($0["seq"] as? NSNumber)?.intValue }
             #expect(sequences == Array(1...total), "\(observer.name) saw every change once, in order")
             let keys = Set(events.compactMap { $0["key"] as? String })
@@ -40,7 +40,7 @@ struct StorageAcrossProcessesTests {
         }
         // Each writer sees the others' changes, never its own.
         for (index, writer) in writers.enumerated() {
-            let events = try await writer.waitFor("storage events", count: total - changes, timeout: .seconds(60)) { $0["type"] as? String == "storage" }
+            let events = try await writer.waitFor("storage events", count: total - changes, timeout: .seconds(300)) { $0["type"] as? String == "storage" }
             #expect(events.count == total - changes)
             #expect(!events.contains { $0["origin"] as? String == "writer-\(index)" })
         }
@@ -91,7 +91,7 @@ struct StorageAcrossProcessesTests {
         let tab = try ChildProcess(
             "\(productsDirectory)/tab",
             ["--dir", directory, "--name", "a", "--json", "--token-endpoint", "http://example.com/token"], name: "a")
-        tab.process.waitUntilExit()
+        try await tab.waitForExit()
         #expect(tab.process.terminationStatus != 0)
         let stderr = tab.standardError.split(separator: "\n")
         #expect(stderr.count == 1 && stderr[0].contains("HTTPS"))
@@ -103,7 +103,7 @@ struct StorageAcrossProcessesTests {
         defer { try? FileManager.default.removeItem(atPath: directory) }
         #expect(mkdir(directory, 0o777) == 0 && chmod(directory, 0o777) == 0)
         let tab = try ChildProcess("\(productsDirectory)/tab", ["--dir", directory, "--name", "a", "--json"], name: "a")
-        tab.process.waitUntilExit()
+        try await tab.waitForExit()
         #expect(tab.process.terminationStatus != 0)
         #expect(tab.standardError.contains(directory) && tab.standardError.contains("777"))
         #expect(try FileManager.default.contentsOfDirectory(atPath: directory).isEmpty)
@@ -126,6 +126,9 @@ struct StorageAcrossProcessesTests {
         let error = try await limited.waitFor("error") { $0["type"] as? String == "error" }
         #expect(error.first?["code"] as? String == "storageFull")
         #expect((error.first?["message"] as? String)?.contains(directory) == true)
+        // The failed change left nothing behind: the state file is valid and without it.
+        #expect(try checkStateFile("\(directory)/app.state").values == ["small": "1"])
+        #expect(try await limited.command("get big").string("value") == nil)
         // The committed state is intact, and both can still write small changes.
         limited.send("set after 2")
         try await limited.waitFor("ok") { $0["type"] as? String == "ok" }

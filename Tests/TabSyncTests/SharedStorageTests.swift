@@ -150,6 +150,24 @@ struct SharedStorageTests {
         hold.release()
     }
 
+    /// Storages opened and closed one after another reuse descriptor numbers, and two storages on
+    /// one directory share its watch: neither may leave a later storage deaf to changes.
+    @Test func storagesOpenedAndClosedInTurnKeepHearingChanges() async throws {
+        for round in 0..<12 {
+            let directory = TemporaryDirectory()
+            let writer = try SharedStorage(directory: directory.path, origin: "writer")
+            let app = try SharedStorage(directory: directory.path, name: "app", origin: "reader")
+            let reader = try SharedStorage(directory: directory.path, origin: "reader")
+            var events = reader.events().makeAsyncIterator()
+            try writer.set("round", "\(round)")
+            let event = await next(&events)
+            #expect(event?.newValue == "\(round)", "round \(round)")
+            if round.isMultiple(of: 2) { app.close() }
+            writer.close()
+            reader.close()
+        }
+    }
+
     @Test func watchingUsesInotify() throws {
         let directory = TemporaryDirectory()
         let storage = try SharedStorage(directory: directory.path, origin: "a")

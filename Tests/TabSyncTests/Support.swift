@@ -18,7 +18,7 @@ struct TemporaryDirectory: ~Copyable {
 
 /// Waits for the next element of a stream, failing after `timeout`.
 func next<Element: Sendable>(
-    _ iterator: inout AsyncStream<Element>.Iterator, timeout: Duration = .seconds(10),
+    _ iterator: inout AsyncStream<Element>.Iterator, timeout: Duration = .seconds(30),
     sourceLocation: SourceLocation = #_sourceLocation
 ) async -> Element? {
     let box = IteratorBox(iterator)

@@ -69,6 +69,10 @@ public final class FileBackend: StorageBackend {
 
     private struct Cache {
         var identity: FileIdentity?
+        /// The header line of the cached file. Inode numbers are reused and file times are
+        /// coarse (a clock tick), so a new file can have the identity of one seen before; the
+        /// header (sequence, length, checksum of the body) tells them apart.
+        var header: ArraySlice<UInt8> = []
         var document: StateDocument?
         /// The newest valid document this process has seen, kept for recovery.
         var lastGood: StateDocument?
@@ -134,8 +138,13 @@ public final class FileBackend: StorageBackend {
         var info = stat()
         guard fstat(fd, &info) == 0 else { throw TabSyncError.system("fstat", .current, path: path) }
         let identity = FileIdentity(info)
-        if let cached = cache.withLock({ $0.identity == identity ? $0.document : nil }) {
-            return cached
+        let hit = cache.withLock { cache -> (StateDocument, ArraySlice<UInt8>)? in
+            guard cache.identity == identity, let document = cache.document else { return nil }
+            return (document, cache.header)
+        }
+        if let (cached, header) = hit {
+            let start = try readAll(fd, count: min(header.count, Int(info.st_size)), path: path)
+            if start.elementsEqual(header) { return cached }
         }
         guard Int(info.st_size) <= maximumStateBytes else {
             throw TabSyncError(
@@ -147,6 +156,7 @@ public final class FileBackend: StorageBackend {
         cache.withLock { cache in
             cache.identity = identity
             cache.document = document
+            cache.header = StateFileCodec.headerLine(bytes)
             if document.storeID != cache.lastGood?.storeID || document.sequence >= cache.lastGood?.sequence ?? 0 {
                 cache.lastGood = document
             }
@@ -253,7 +263,6 @@ public final class FileBackend: StorageBackend {
             _ = unlinkat(directory.descriptor, temporaryName, 0)
             throw error
         }
-        close(fd)
         // Keep the generation being replaced, for recovery (unless its history was scrubbed).
         _ = unlinkat(directory.descriptor, previousName, 0)
         if !document.scrubbed {
@@ -261,15 +270,26 @@ public final class FileBackend: StorageBackend {
         }
         guard renameat(directory.descriptor, temporaryName, directory.descriptor, stateName) == 0 else {
             let errno = Errno.current
+            close(fd)
             _ = unlinkat(directory.descriptor, temporaryName, 0)
             throw TabSyncError.system("renameat", errno, path: location)
         }
+        // The identity of the file just renamed into place (the rename changed its ctime), so
+        // that the next commit and this process's own change notification find the document
+        // in the cache instead of decoding what was just encoded.
+        var info = stat()
+        let identity = fstat(fd, &info) == 0 ? FileIdentity(info) : nil
+        close(fd)
+        var written = document
+        written.scrubbed = false  // not stored: a decoded document never has it
+        cache.withLock { cache in
+            cache.identity = identity
+            cache.document = identity == nil ? nil : written
+            cache.header = StateFileCodec.headerLine(bytes)
+            cache.lastGood = written
+        }
         if durability == .full, fsync(directory.descriptor) != 0 {
             throw TabSyncError.system("fsync", .current, path: directory.path)
-        }
-        cache.withLock { cache in
-            cache.identity = nil
-            cache.lastGood = document
         }
     }
 

@@ -84,13 +84,14 @@ public struct StateDocument: Sendable, Hashable, Codable {
 
     /// Checks the invariants a reader relies on. Returns a description of the first violation.
     func violation() -> String? {
+        // Checked first: the expected sequences below would underflow otherwise.
+        if UInt64(journal.count) > sequence { return "journal is longer than the sequence" }
         for (index, entry) in journal.enumerated() {
             let expected = sequence - UInt64(journal.count - 1 - index)
             if entry.sequence != expected {
                 return "journal entry \(index) has sequence \(entry.sequence), expected \(expected)"
             }
         }
-        if UInt64(journal.count) > sequence { return "journal is longer than the sequence" }
         return nil
     }
 }

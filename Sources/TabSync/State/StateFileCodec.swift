@@ -32,6 +32,12 @@ enum StateFileCodec {
         return bytes
     }
 
+    /// The header line of an encoded file, its newline included (empty when there is none).
+    static func headerLine(_ bytes: [UInt8]) -> ArraySlice<UInt8> {
+        guard let newline = bytes.prefix(maximumHeaderBytes).firstIndex(of: UInt8(ascii: "\n")) else { return [] }
+        return bytes[...newline]
+    }
+
     /// Parses the header line. Throws ``TabSyncError/Code/corruptState`` or
     /// ``TabSyncError/Code/unsupportedVersion``.
     static func header(_ bytes: some Collection<UInt8>, path: String) throws(TabSyncError) -> Header {
@@ -107,6 +113,12 @@ enum CRC32 {
     }
 
     static func checksum(_ bytes: some Sequence<UInt8>) -> UInt32 {
+        // Contiguous bytes (an array, Data) are read through a buffer pointer: iterating
+        // Data byte by byte costs more than the table look-ups.
+        bytes.withContiguousStorageIfAvailable(checksum) ?? checksum(Array(bytes))
+    }
+
+    private static func checksum(_ bytes: UnsafeBufferPointer<UInt8>) -> UInt32 {
         var crc: UInt32 = 0xFFFF_FFFF
         table.withUnsafeBufferPointer { table in
             for byte in bytes {

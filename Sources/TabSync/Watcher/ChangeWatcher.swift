@@ -64,6 +64,16 @@ final class ChangeWatcher: Sendable {
         case remove(watch: Int32, directory: SessionDirectory)
     }
 
+    struct DirectoryKey: Hashable {
+        let device: UInt64
+        let inode: UInt64
+
+        init(_ directory: SessionDirectory) {
+            device = directory.device
+            inode = directory.inode
+        }
+    }
+
     private struct State: ~Copyable {
         var nextID: UInt64 = 1
         var registrations: [UInt64: Registration] = [:]
@@ -71,6 +81,9 @@ final class ChangeWatcher: Sendable {
         var running = false
         var wakeDescriptor: Int32 = -1
         var watchUsers: [Int32: Int] = [:]
+        /// The watch of each directory (device, inode): one per directory, however many
+        /// registrations and descriptors it has.
+        var watchOfDirectory: [DirectoryKey: Int32] = [:]
         /// Set once inotify itself failed in this process; later registrations poll at once.
         var unavailable: String?
     }
@@ -212,17 +225,16 @@ final class ChangeWatcher: Sendable {
                     state.watchUsers[watch]! -= 1
                     if state.watchUsers[watch]! <= 0 {
                         state.watchUsers[watch] = nil
+                        state.watchOfDirectory = state.watchOfDirectory.filter { $0.value != watch }
                         return true
                     }
                     return false
                 }
                 guard last else { continue }
                 var info = stat()
-                if fstat(directory.descriptor, &info) == 0, info.st_nlink == 0 {
-                    // Deleted: the kernel has dropped the watch already, and removing it
-                    // would only fail. Its record must not shadow a later watch of the path.
-                    inotifytools_set_filename_by_wd(watch, "(dropped watch \(watch))")
-                } else {
+                // A deleted directory's watch goes with its inode (IN_IGNORED, see forgetWatch);
+                // removing it here could only fail.
+                if fstat(directory.descriptor, &info) == 0, info.st_nlink > 0 {
                     _ = inotifytools_remove_watch_by_wd(watch)
                 }
             }
@@ -233,9 +245,32 @@ final class ChangeWatcher: Sendable {
         guard let directory = state.withLock({ $0.registrations[id]?.directory }) else {
             return .failure(TabSyncError(code: .closed, path: nil, message: "The registration was removed"))
         }
-        // Watching the directory through its open descriptor pins the watch to the inode
-        // that was checked, whatever happens to the path later.
-        let path = "/proc/self/fd/\(directory.descriptor)"
+        // A directory already watched (another storage on it, or another descriptor of it)
+        // shares its watch: the kernel would return the same one anyway.
+        let key = DirectoryKey(directory)
+        if let shared = state.withLock({ state -> Int32? in
+            guard let watch = state.watchOfDirectory[key] else { return nil }
+            state.registrations[id]?.watch = watch
+            state.watchUsers[watch, default: 0] += 1
+            return watch
+        }) {
+            return .success(shared)
+        }
+        // Watching the directory through its open descriptor pins the watch to the inode that
+        // was checked, whatever happens to the path later. libinotifytools files each watch by
+        // the name it was made with, and looks names up in a tree; a name used twice (a
+        // descriptor number reused after a close) would find the older watch, and renaming a
+        // record in place (inotifytools_set_filename_by_wd) breaks that tree. So each watch is
+        // made through a fresh, never reused name: a symbolic link to the descriptor, removed
+        // right after.
+        let target = "/proc/self/fd/\(directory.descriptor)"
+        let path = Self.uniquePath("tabsync-watch")
+        guard symlink(target, path) == 0 else {
+            return .failure(TabSyncError(
+                code: .watcherUnavailable, path: path, message: "Cannot create the link through which inotify watches the directory",
+                errno: .current))
+        }
+        defer { unlink(path) }
         let mask = UInt32(IN_MOVED_TO | IN_CLOSE_WRITE | IN_DELETE | IN_MOVED_FROM | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR)
         guard inotifytools_watch_file(path, Int32(bitPattern: mask)) != 0 else {
             let errno = Errno(rawValue: inotifytools_error())
@@ -244,10 +279,16 @@ final class ChangeWatcher: Sendable {
                 code: .watcherUnavailable, path: directory.path,
                 message: "inotify cannot watch the directory\(hint)", errno: errno))
         }
-        let watch = inotifytools_wd_from_filename(path)
+        // libinotifytools may have filed a directory with a trailing slash.
+        let watch = max(inotifytools_wd_from_filename(path), inotifytools_wd_from_filename(path + "/"))
+        guard watch > 0 else {
+            return .failure(TabSyncError(
+                code: .watcherUnavailable, path: directory.path, message: "libinotifytools lost the watch of the directory"))
+        }
         state.withLock { state in
             state.registrations[id]?.watch = watch
             state.watchUsers[watch, default: 0] += 1
+            state.watchOfDirectory[key] = watch
         }
         return .success(watch)
     }
@@ -280,11 +321,12 @@ final class ChangeWatcher: Sendable {
     }
 
     /// The kernel dropped a watch (its directory was deleted or unmounted). libinotifytools
-    /// keeps its record, keyed by path, which would shadow a later watch of the same path:
-    /// the record is renamed out of the way. Its registrations get one last signal.
+    /// keeps its small record under a name nobody uses again (see addWatch) until cleanup.
+    /// The watch's registrations get one last signal.
     private func forgetWatch(_ watch: Int32) {
         let orphans: [Registration] = state.withLock { state in
             guard state.watchUsers.removeValue(forKey: watch) != nil else { return [] }
+            state.watchOfDirectory = state.watchOfDirectory.filter { $0.value != watch }
             var orphans: [Registration] = []
             for (id, registration) in state.registrations where registration.watch == watch {
                 state.registrations[id]?.watch = nil
@@ -292,7 +334,6 @@ final class ChangeWatcher: Sendable {
             }
             return orphans
         }
-        inotifytools_set_filename_by_wd(watch, "(dropped watch \(watch))")
         for registration in orphans { registration.handler(.changed(name: nil)) }
     }
 
@@ -308,6 +349,7 @@ final class ChangeWatcher: Sendable {
             let all = Array(state.registrations.values)
             state.registrations.removeAll()
             state.watchUsers.removeAll()
+            state.watchOfDirectory.removeAll()
             for command in state.commands {
                 if case let .add(_, reply) = command {
                     reply(.failure(TabSyncError(code: .watcherUnavailable, path: nil, message: reason)))
@@ -323,11 +365,16 @@ final class ChangeWatcher: Sendable {
         }
     }
 
-    private func makeWakeFile() -> (descriptor: Int32, watch: Int32)? {
+    /// A fresh name in the runtime or temporary directory, never used before.
+    private static func uniquePath(_ prefix: String) -> String {
         let base = ProcessInfo.processInfo.environment["XDG_RUNTIME_DIR"].flatMap { $0.isEmpty ? nil : $0 }
             ?? ProcessInfo.processInfo.environment["TMPDIR"].flatMap { $0.isEmpty ? nil : $0 }
             ?? "/tmp"
-        let path = "\(base)/tabsync-wake-\(getpid())-\(UInt64.random(in: 0...UInt64.max))"
+        return "\(base)/\(prefix)-\(getpid())-\(UInt64.random(in: 0...UInt64.max))"
+    }
+
+    private func makeWakeFile() -> (descriptor: Int32, watch: Int32)? {
+        let path = Self.uniquePath("tabsync-wake")
         let descriptor = open(path, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0o600)
         guard descriptor >= 0 else { return nil }
         defer { unlink(path) }

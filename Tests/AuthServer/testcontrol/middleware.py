@@ -18,14 +18,19 @@ class TestControlMiddleware:
             grant = request.POST.get("grant_type", "")
             if grant == "refresh_token":
                 delay = state.refresh_received(request.POST.get("refresh_token", ""))
-                if delay > 0:
-                    time.sleep(delay)
+                try:
+                    if delay > 0:
+                        time.sleep(delay)
+                    response = self.get_response(request)
+                finally:
+                    state.refresh_done()
             elif grant == "password":
                 state.count("password")
         elif request.method == "POST" and request.path == "/o/revoke_token/":
             state.count("revoke")
 
-        response = self.get_response(request)
+        if grant != "refresh_token":
+            response = self.get_response(request)
 
         if grant == "refresh_token" and response.status_code != 200:
             state.count("refresh_failed")

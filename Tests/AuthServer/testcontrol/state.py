@@ -8,7 +8,7 @@ import hashlib
 import threading
 
 _lock = threading.Lock()
-_counts = {"refresh": 0, "password": 0, "revoke": 0, "refresh_failed": 0}
+_counts = {"refresh": 0, "password": 0, "revoke": 0, "refresh_failed": 0, "refresh_in_flight": 0}
 _seen_refresh_tokens = set()  # sha256 hex digests, never the tokens
 _reused = 0
 _slow_seconds = 0.0
@@ -21,6 +21,7 @@ def refresh_received(refresh_token):
     digest = hashlib.sha256(refresh_token.encode()).hexdigest() if refresh_token else None
     with _lock:
         _counts["refresh"] += 1
+        _counts["refresh_in_flight"] += 1
         if digest is not None:
             if digest in _seen_refresh_tokens:
                 _reused += 1
@@ -29,6 +30,12 @@ def refresh_received(refresh_token):
             _slow_remaining -= 1
             return _slow_seconds
         return 0.0
+
+
+def refresh_done():
+    """A refresh_token grant was answered (or failed)."""
+    with _lock:
+        _counts["refresh_in_flight"] -= 1
 
 
 def count(key):

@@ -113,12 +113,36 @@ final class ChildProcess: Sendable {
         }
     }
 
+    /// Sends a command and waits for its reply (the next object of one of `types`).
+    func ask(_ command: String, expecting types: Set<String>, timeout: Duration = .seconds(20)) async throws -> [String: any Sendable] {
+        let isReply: ([String: any Sendable]) -> Bool = { types.contains($0["type"] as? String ?? "") && $0["cmd"] as? String ?? command == command }
+        let before = objects.filter(isReply).count
+        send(command)
+        return try await waitFor("reply to \(command)", count: before + 1, timeout: timeout, where: isReply)[before]
+    }
+
     func kill(_ signal: Int32 = SIGKILL) { Glibc.kill(process.processIdentifier, signal) }
 
-    func stop() {
+    /// Waits, without blocking a thread, until the process has ended.
+    func waitForExit(_ description: String = "its exit", timeout: Duration = .seconds(20)) async throws {
+        let deadline = ContinuousClock.now + timeout
+        while process.isRunning {
+            if ContinuousClock.now >= deadline {
+                throw TestFailure("\(name): still running after \(timeout) waiting for \(description). stderr: \(standardError)")
+            }
+            try await Task.sleep(for: .milliseconds(5))
+        }
+    }
+
+    /// Ends the process: end of input, then SIGTERM, then SIGKILL after `grace`. Bounded in time:
+    /// a child that inherited a blocked SIGTERM (or ignores it) cannot hang the test run.
+    func stop(grace: Duration = .seconds(5)) {
         if process.isRunning {
             closeInput()
             kill(SIGTERM)
+            let deadline = ContinuousClock.now + grace
+            while process.isRunning, ContinuousClock.now < deadline { usleep(10_000) }
+            if process.isRunning { kill(SIGKILL) }
         }
         process.waitUntilExit()
     }

@@ -1,0 +1,97 @@
+import Foundation
+import Testing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// inotify that cannot keep up or cannot be had. (The queue overflow itself, IN_Q_OVERFLOW, is
+/// forced and counted in TabSyncTests/WatcherOverflowTests, where the watcher thread can be held.)
+@Suite(.serialized, .timeLimit(.minutes(3)))
+struct InotifyTroubleTests {
+    /// One tab sleeps (SIGSTOP) while another commits far more changes than the journal keeps:
+    /// every notification of the burst is coalesced into the reads the tab makes when it wakes up.
+    @Test func aTabPausedDuringABurstCatchesUpWithEveryKeyAndThenEveryChange() async throws {
+        // tmpfs, so that the burst's fsyncs cost nothing.
+        let base = FileManager.default.fileExists(atPath: "/dev/shm") ? "/dev/shm" : FileManager.default.temporaryDirectory.path
+        let directory = "\(base)/tabsync-it-burst-\(UUID().uuidString.prefix(8))"
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let sleeper = try await launchTab(name: "sleeper", directory: directory)
+        let writer = try await launchTab(name: "writer", directory: directory)
+        defer { sleeper.kill(SIGCONT); sleeper.stop(); writer.stop() }
+
+        sleeper.kill(SIGSTOP)
+        let burst = 700  // more than the journal's 512 entries
+        writer.send((1...burst).map { "set k\($0 % 10) \($0)" }.joined(separator: "\n"))
+        try await writer.waitFor("the burst's replies", count: burst, timeout: .seconds(90)) { $0.type == "ok" }
+        sleeper.kill(SIGCONT)
+
+        // After waking, the sleeper converges on the final values of every key.
+        let expected = Dictionary(uniqueKeysWithValues: (0..<10).map { key in ("k\(key)", String(burst - (burst - key) % 10)) })
+        // k9 comes last both in a resync (keys in order) and in a journal replay (value 699).
+        try await sleeper.waitFor("k9's final value", timeout: .seconds(30)) { $0.type == "storage" && $0.string("key") == "k9" && $0.string("newValue") == expected["k9"] }
+        var view: [String: String] = [:]
+        for event in sleeper.storageEvents {
+            if let key = event.string("key") { view[key] = event.string("newValue") }
+        }
+        #expect(view == expected)
+        let sequences = sleeper.storageEvents.compactMap(\.seq)
+        #expect(sequences == sequences.sorted(), "events never go back in sequence")
+
+        // And it follows every single change again afterwards.
+        writer.send((1...20).map { "set after \($0)" }.joined(separator: "\n"))
+        let after = try await sleeper.waitFor("the changes after the burst", count: 20) { $0.type == "storage" && $0.string("key") == "after" }
+        #expect(after.compactMap(\.seq) == Array((burst + 1)...(burst + 20)))
+        #expect(sleeper.unsolicitedErrors.isEmpty)
+    }
+
+    /// A tab started while its user has no inotify instance left polls, says so, and still
+    /// delivers every change. The limit (max_user_instances) is per user, so the test runs the
+    /// tabs as `nobody` and exhausts nobody's instances: processes of other users, this test
+    /// process included, keep theirs.
+    @Test(.enabled(if: geteuid() == 0 && FileManager.default.isExecutableFile(atPath: "/usr/bin/setpriv"),
+                   "needs root and setpriv to run the tabs as another user"))
+    func aTabStartedWithoutInotifyInstancesPollsReportsItAndDeliversEveryChange() async throws {
+        let directory = temporaryDirectory("noinotify")
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        #expect(mkdir(directory, 0o700) == 0 && chown(directory, 65534, 65534) == 0)
+        let asNobody = ["/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"]
+        // Holds every inotify instance nobody may have until its standard input closes.
+        let hog = try ChildProcess("/usr/bin/setpriv", Array(asNobody.dropFirst()) + ["/usr/bin/python3", "-c", Self.instanceHog], name: "hog")
+        defer { hog.stop() }
+        let held = try await hog.waitFor("the instances held") { $0.type == "held" }
+        #expect(held.first?["errno"] as? String == "EMFILE", "inotify_init1 failed with EMFILE: \(held)")
+
+        let polled = try ChildProcess(asNobody[0], Array(asNobody.dropFirst()) + ["\(productsDirectory)/tab", "--dir", directory, "--name", "polled", "--json"], name: "polled")
+        defer { polled.stop() }
+        try await polled.waitFor("ready") { $0.type == "ready" }
+        hog.stop()
+
+        let report = try await polled.waitFor("the polling report") { $0.type == "error" && $0.string("code") == "watcherUnavailable" }
+        let message = report.first?.string("message") ?? ""
+        #expect(message.contains("polling") && message.contains("max_user_instances"), "the report says why: \(message)")
+
+        let writer = try ChildProcess(asNobody[0], Array(asNobody.dropFirst()) + ["\(productsDirectory)/tab", "--dir", directory, "--name", "writer", "--json"], name: "writer")
+        defer { writer.stop() }
+        try await writer.waitFor("ready") { $0.type == "ready" }
+        let changes = 100
+        writer.send((1...changes).map { "set k\($0 % 7) \($0)" }.joined(separator: "\n"))
+        let events = try await polled.waitFor("every change", count: changes, timeout: .seconds(60)) { $0.type == "storage" }
+        #expect(events.compactMap(\.seq) == Array(1...changes))
+        #expect(events.map { $0.string("newValue") } == (1...changes).map { String($0) })
+    }
+
+    /// Opens inotify instances until the kernel refuses, reports how many and why, then waits.
+    static let instanceHog = """
+        import ctypes, errno, json, sys
+        libc = ctypes.CDLL(None, use_errno=True)
+        held = []
+        while len(held) < 65536:
+            fd = libc.inotify_init1(0o2000000)
+            if fd < 0:
+                break
+            held.append(fd)
+        print(json.dumps({"type": "held", "count": len(held), "errno": errno.errorcode.get(ctypes.get_errno(), "?")}), flush=True)
+        sys.stdin.read()
+        """
+}

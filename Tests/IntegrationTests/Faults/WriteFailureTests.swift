@@ -1,0 +1,63 @@
+import Foundation
+import Testing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A really full file system: a small tmpfs filled to the last page. (The RLIMIT_FSIZE case is
+/// StorageAcrossProcessesTests.aFullDiskFailsTheCommitCleanlyAndOthersKeepWorking.)
+@Suite(.serialized, .timeLimit(.minutes(2)))
+struct WriteFailureTests {
+    @Test(.enabled(if: canMountTmpfs, "mounting a tmpfs needs root and a container that allows mount(2)"))
+    func aFullFileSystemFailsTheCommitKeepsTheStateAndRecoversWhenSpaceIsBack() async throws {
+        let mountPoint = temporaryDirectory("tmpfs")
+        try #require(mkdir(mountPoint, 0o700) == 0)
+        defer { rmdir(mountPoint) }
+        try #require(shell("mount -t tmpfs -o size=512k,mode=0700 tmpfs '\(mountPoint)'") == 0, "mount a 512 KiB tmpfs on \(mountPoint)")
+        defer { shell("umount -l '\(mountPoint)'") }
+        // Never fill anything but the small file system just mounted.
+        var fileSystem = statvfs()
+        try #require(statvfs(mountPoint, &fileSystem) == 0)
+        try #require(Int(fileSystem.f_blocks) * Int(fileSystem.f_frsize) <= 1 << 20, "\(mountPoint) is the small tmpfs")
+        let directory = "\(mountPoint)/session"
+        let writer = try await launchTab(name: "writer", directory: directory)
+        let reader = try await launchTab(name: "reader", directory: directory)
+        defer { writer.stop(); reader.stop() }
+        let committed = try await writer.command("set k before")
+        #expect(committed.type == "ok")
+        try await reader.waitFor("the first change") { $0.type == "storage" && $0.string("key") == "k" }
+        let before = try checkStateFile("\(directory)/app.state")
+
+        // Fill every remaining page of the file system.
+        let filler = "\(mountPoint)/filler"
+        let fd = open(filler, O_WRONLY | O_CREAT | O_TRUNC, 0o600)
+        #expect(fd >= 0)
+        let chunk = [UInt8](repeating: 0x55, count: 4096)
+        var filled = 0
+        while filled < 1 << 20, case let written = write(fd, chunk, chunk.count), written > 0 { filled += written }
+        #expect(errno == ENOSPC, "the tmpfs is full after \(filled) bytes")
+        close(fd)
+
+        // The commit fails with a clear error naming the file it could not write.
+        let failed = try await writer.command("set k \(String(repeating: "x", count: 8192))")
+        #expect(failed.type == "error")
+        #expect(failed.string("code") == "storageFull")
+        #expect(failed.string("message")?.contains(directory) == true, "the message names the path: \(failed)")
+        // The previous state is intact and readable, by the writer and by the other process.
+        #expect(try checkStateFile("\(directory)/app.state").values == before.values)
+        #expect(try await writer.command("get k").string("value") == "before")
+        #expect(try await reader.command("get k").string("value") == "before")
+        // The other process keeps running and sees no change that did not happen.
+        #expect(reader.storageEvents.count == 1)
+        #expect(reader.unsolicitedErrors.isEmpty)
+
+        // Space is back: writing works again, and the reader sees the change.
+        #expect(unlink(filler) == 0)
+        let again = try await writer.command("set k after")
+        #expect(again.type == "ok")
+        #expect(again.seq == 2)
+        try await reader.waitFor("the change after space came back") { $0.type == "storage" && $0.string("newValue") == "after" }
+        #expect(!FileManager.default.fileExists(atPath: "\(directory)/app.state.tmp"))
+    }
+}

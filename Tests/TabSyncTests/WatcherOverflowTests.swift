@@ -1,0 +1,75 @@
+import Foundation
+import Synchronization
+import Testing
+@testable import TabSync
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The kernel's inotify queue overflows (IN_Q_OVERFLOW) while the watcher thread is busy:
+/// events are dropped by the kernel, and yet no change may be lost.
+@Suite(.serialized, .timeLimit(.minutes(2)))
+struct WatcherOverflowTests {
+    @Test func anOverflowedInotifyQueueLosesNoChange() async throws {
+        let directory = TemporaryDirectory()
+        var options = SharedStorage.Options()
+        options.durability = .none
+        options.journalLimits = JournalLimits(maximumEntries: 64)
+        let writer = try SharedStorage(directory: directory.path, origin: "writer", options: options)
+        let observer = try SharedStorage(directory: directory.path, origin: "observer", options: options)
+        try #require(observer.changeDetection == .inotify, "this test needs inotify")
+        var events = observer.events().makeAsyncIterator()
+
+        // Hold the watcher thread: a registration whose handler blocks until released. Handlers
+        // run on that thread, so nothing reads the inotify queue meanwhile.
+        let session = try SessionDirectory(path: directory.path)
+        let entered = DispatchSemaphore(value: 0)
+        let release = DispatchSemaphore(value: 0)
+        let holding = Flag()
+        let (stall, _) = ChangeWatcher.shared.register(directory: session, names: ["stall"], pollInterval: .seconds(1)) { _ in
+            if !holding.value.exchange(true, ordering: .relaxed) {
+                entered.signal()
+                release.wait()
+            }
+        }
+        defer { ChangeWatcher.shared.unregister(stall) }
+        let fd = open(directory.file("stall"), O_WRONLY | O_CREAT, 0o600)
+        close(fd)
+        #expect(entered.wait(timeout: .now() + 10) == .success, "the watcher thread ran the stalling handler")
+
+        // Each commit raises at least four events in the directory (close of the lock and of the
+        // temporary file, unlink of the previous generation, rename): enough commits to overflow.
+        let queueSize = Int((try? String(contentsOfFile: "/proc/sys/fs/inotify/max_queued_events", encoding: .utf8))?
+            .trimmingCharacters(in: .whitespacesAndNewlines) ?? "") ?? 16384
+        let overflowsBefore = ChangeWatcher.shared.overflowCount.load(ordering: .relaxed)
+        let commits = queueSize / 4 + 200
+        for index in 1...commits {
+            try writer.set("k\(index % 8)", "\(index)")
+        }
+        let final = try writer.snapshot()
+        release.signal()
+
+        var view: [String: String] = [:]
+        while let event = await next(&events, timeout: .seconds(30)) {
+            if let key = event.key { view[key] = event.newValue } else { view.removeAll() }
+            if event.sequence == final.sequence, view == final.values { break }
+        }
+        #expect(view == final.values, "the observer converged on the final state")
+        // The overflow event comes last in the queue, after the events that already led the
+        // observer to the final state: wait for the watcher thread to get there.
+        let deadline = ContinuousClock.now + .seconds(10)
+        while ChangeWatcher.shared.overflowCount.load(ordering: .relaxed) == overflowsBefore, ContinuousClock.now < deadline {
+            try await Task.sleep(for: .milliseconds(10))
+        }
+        #expect(ChangeWatcher.shared.overflowCount.load(ordering: .relaxed) > overflowsBefore, "the queue overflowed (\(commits) commits, queue \(queueSize))")
+        // After the overflow the observer still follows every change.
+        try writer.set("after", "overflow")
+        let after = await next(&events)
+        #expect(after?.key == "after" && after?.newValue == "overflow" && after?.sequence == final.sequence + 1)
+    }
+}
+
+private final class Flag: Sendable {
+    let value = Atomic<Bool>(false)
+}
