@@ -1,6 +1,6 @@
 // libFuzzer entry point for the state-file decoder (scripts/fuzz builds and runs it).
 //
-// Compiled together with Sources/TabSync/State/StateFileCodec.swift, StateDocument.swift and
+// Compiled together with Sources/TabSync/State/StateFileCodec.swift, StateBody.swift, StateDocument.swift and
 // TabSyncError.swift, so that the fuzzer exercises the decoder's own internal code, not a copy.
 //
 // Each input is decoded twice: as it is, and with its header line rebuilt around the same body
@@ -11,6 +11,8 @@
 // Any input must either decode to a document that survives encoding and decoding again, or
 // throw a corruptState / unsupportedVersion error naming the path. A crash, a trap or any
 // other error is a finding.
+
+import Foundation
 
 @_cdecl("LLVMFuzzerTestOneInput")
 public func stateFileFuzzerTestOneInput(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
@@ -28,6 +30,11 @@ private func check(_ bytes: [UInt8]) {
         let again = try StateFileCodec.decode(StateFileCodec.encode(document), path: path)
         if again != document {
             fatalError("a decoded document does not survive encoding and decoding again")
+        }
+        // Differential: what the hand-written decoder accepts, Foundation's JSON reads the same.
+        let body = Data(bytes[StateFileCodec.headerLine(bytes).count...])
+        if (try? JSONDecoder().decode(StateDocument.self, from: body)) != document {
+            fatalError("Foundation's JSONDecoder reads this body differently")
         }
     } catch {
         guard error.code == .corruptState || error.code == .unsupportedVersion, error.path == path else {

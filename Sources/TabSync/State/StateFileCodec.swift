@@ -22,12 +22,10 @@ enum StateFileCodec {
     }
 
     static func encode(_ document: StateDocument) -> [UInt8] {
-        let encoder = JSONEncoder()
-        encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
-        // Encoding plain strings and integers cannot fail.
-        let body = (try? encoder.encode(document)) ?? Data("{}".utf8)
+        let body = StateBody.encode(document)
         let header = "\(magic) \(version) \(document.sequence) \(body.count) \(hex(CRC32.checksum(body)))\n"
         var bytes = [UInt8](header.utf8)
+        bytes.reserveCapacity(header.utf8.count + body.count)
         bytes.append(contentsOf: body)
         return bytes
     }
@@ -78,9 +76,9 @@ enum StateFileCodec {
         }
         let document: StateDocument
         do {
-            document = try JSONDecoder().decode(StateDocument.self, from: Data(body))
+            document = try StateBody.decode(body)
         } catch {
-            throw corrupt(path, "the body is not a valid state document")
+            throw corrupt(path, "the body is not a valid state document: \(error.message) (at body byte \(error.offset))")
         }
         guard document.sequence == header.sequence else {
             throw corrupt(path, "the header's sequence \(header.sequence) differs from the body's \(document.sequence)")
@@ -103,14 +101,28 @@ enum StateFileCodec {
 
 /// CRC-32 as in zlib, PNG and Ethernet (polynomial 0xEDB88320, reflected), so that any language's
 /// standard library (Python's `zlib.crc32`, Go's `hash/crc32`) can check a state file.
+///
+/// Computed eight bytes at a time ("slicing by 8": eight tables, each the previous one advanced by
+/// a byte), since every reader checks the whole file on every change.
 enum CRC32 {
-    static let table: [UInt32] = (0..<256).map { index in
-        var value = UInt32(index)
-        for _ in 0..<8 {
-            value = value & 1 == 1 ? 0xEDB8_8320 ^ (value >> 1) : value >> 1
+    /// `tables[k][b]`: the CRC contribution of byte `b` followed by `k` zero bytes.
+    static let tables: [UInt32] = {
+        var tables = [UInt32](repeating: 0, count: 8 * 256)
+        for index in 0..<256 {
+            var value = UInt32(index)
+            for _ in 0..<8 {
+                value = value & 1 == 1 ? 0xEDB8_8320 ^ (value >> 1) : value >> 1
+            }
+            tables[index] = value
         }
-        return value
-    }
+        for slice in 1..<8 {
+            for index in 0..<256 {
+                let previous = tables[(slice - 1) * 256 + index]
+                tables[slice * 256 + index] = (previous >> 8) ^ tables[Int(previous & 0xFF)]
+            }
+        }
+        return tables
+    }()
 
     static func checksum(_ bytes: some Sequence<UInt8>) -> UInt32 {
         // Contiguous bytes (an array, Data) are read through a buffer pointer: iterating
@@ -120,9 +132,23 @@ enum CRC32 {
 
     private static func checksum(_ bytes: UnsafeBufferPointer<UInt8>) -> UInt32 {
         var crc: UInt32 = 0xFFFF_FFFF
-        table.withUnsafeBufferPointer { table in
-            for byte in bytes {
-                crc = table[Int((crc ^ UInt32(byte)) & 0xFF)] ^ (crc >> 8)
+        tables.withUnsafeBufferPointer { table in
+            var index = 0
+            if let base = bytes.baseAddress {
+                let raw = UnsafeRawPointer(base)
+                while index + 8 <= bytes.count {
+                    let low = UInt32(littleEndian: raw.loadUnaligned(fromByteOffset: index, as: UInt32.self)) ^ crc
+                    let high = UInt32(littleEndian: raw.loadUnaligned(fromByteOffset: index + 4, as: UInt32.self))
+                    crc = table[7 * 256 + Int(low & 0xFF)] ^ table[6 * 256 + Int((low >> 8) & 0xFF)]
+                        ^ table[5 * 256 + Int((low >> 16) & 0xFF)] ^ table[4 * 256 + Int(low >> 24)]
+                        ^ table[3 * 256 + Int(high & 0xFF)] ^ table[2 * 256 + Int((high >> 8) & 0xFF)]
+                        ^ table[1 * 256 + Int((high >> 16) & 0xFF)] ^ table[Int(high >> 24)]
+                    index += 8
+                }
+            }
+            while index < bytes.count {
+                crc = table[Int((crc ^ UInt32(bytes[index])) & 0xFF)] ^ (crc >> 8)
+                index += 1
             }
         }
         return crc ^ 0xFFFF_FFFF
