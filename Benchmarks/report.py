@@ -168,10 +168,13 @@ def markdown(document):
     if document.get("journal"):
         add("## 6. Where the time goes: the journal")
         add("")
-        add("A profile (`perf record -g`) of a reader spends 85 % of its time in `JSONDecoder.decode` of the state document, "
-            "and a writer 67 % in `JSONEncoder.encode`: every change re-encodes and every reader re-decodes the whole "
-            "journal. The same propagation (tmpfs, no fsync) with the journal limited to fewer entries "
-            "(`JournalLimits(maximumEntries:)`), next to the default of 512 and the raw baseline:")
+        add("Every change replaces one file that holds the whole journal (512 entries, about 80 KB when full), and "
+            "every reader reads and checks all of it: read, CRC-32, decode. The hand-written codec and the memo of "
+            "unchanged journal entries (Sources/TabSync/State/StateBody.swift) cut the decode to about 0.1 ms and the "
+            "encode to about 0.16 ms, CRC-32 included (it was 3 ms and 3.7 ms through JSONDecoder and JSONEncoder); "
+            "what remains grows with the file's size and, on 2 cores, with N. The same propagation (tmpfs, no fsync) "
+            "with the journal limited to fewer entries (`JournalLimits(maximumEntries:)`), next to the default of 512 "
+            "and the raw baseline:")
         add("")
         add("| N | journal entries | TabSync p50 | p99 | raw C p50 | p99 | p99 ratio |")
         add("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")

@@ -40,6 +40,37 @@ import Testing
         #expect(try JSONDecoder().decode(StateDocument.self, from: Data(ours)) == document)
     }
 
+    /// Reusing the last file's entries (the memo) changes nothing that is written or read: over
+    /// commits that append, trim, clear and scrub, and when another writer put different
+    /// entries under the same sequence numbers.
+    @Test func theMemoOfTheLastFileChangesNothingWrittenOrRead() throws {
+        var document = StateDocument(storeID: "s")
+        let limits = JournalLimits(maximumEntries: 16)
+        var writer = StateBody.Memo(), reader = StateBody.Memo()
+        for step in 0..<120 {
+            switch step % 17 {
+            case 5: document.record(key: nil, newValue: nil, origin: "w", instance: "i", limits: limits)
+            case 11: document.scrubHistory(of: "k3")
+            default: document.record(key: "k\(step % 7)", newValue: "v\(step) \(Self.awkward[step % Self.awkward.count])", origin: "w\(step % 3)", instance: "i", limits: limits)
+            }
+            let file = StateFileCodec.encode(document, memo: &writer)
+            let plain = StateFileCodec.encode(document)
+            #expect(file == plain, "step \(step): the same bytes as without the memo:\n\(String(decoding: file, as: UTF8.self))\n\(String(decoding: plain, as: UTF8.self))")
+            document.scrubbed = false  // not stored
+            #expect(try StateFileCodec.decode(file, path: "p", memo: &reader) == document, "step \(step)")
+        }
+
+        // Another writer's file: the same store and sequence numbers, other entries.
+        var other = StateDocument(storeID: "s", sequence: document.sequence - UInt64(document.journal.count), values: [:])
+        for entry in document.journal {
+            other.record(key: entry.key.map { $0 + "'" }, newValue: "x", origin: entry.origin, instance: "j", limits: limits)
+        }
+        let foreign = StateFileCodec.encode(other)
+        #expect(try StateFileCodec.decode(foreign, path: "p", memo: &reader) == other)
+        var fresh = StateBody.Memo()
+        #expect(try StateFileCodec.decode(foreign, path: "p", memo: &fresh) == StateFileCodec.decode(foreign, path: "p"))
+    }
+
     @Test func readsJSONLaidOutByAnotherProgram() throws {
         // Whitespace everywhere, keys in another order, escapes for every character that can
         // have one, an unknown key with a nested value, and an absent optional field.

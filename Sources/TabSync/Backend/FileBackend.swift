@@ -76,6 +76,9 @@ public final class FileBackend: StorageBackend {
         var document: StateDocument?
         /// The newest valid document this process has seen, kept for recovery.
         var lastGood: StateDocument?
+        /// The journal entries of the last file read or written, with their bytes: the next
+        /// encode or decode does no work for the entries that did not change.
+        var memo = StateBody.Memo()
     }
 
     private let cache = Mutex(Cache())
@@ -152,8 +155,10 @@ public final class FileBackend: StorageBackend {
                 message: "The state file has \(info.st_size) bytes, more than the limit of \(maximumStateBytes)")
         }
         let bytes = try readAll(fd, count: Int(info.st_size), path: path)
-        let document = try StateFileCodec.decode(bytes, path: path)
-        cache.withLock { cache in
+        var memo = cache.withLock { $0.memo }
+        let document = try StateFileCodec.decode(bytes, path: path, memo: &memo)
+        cache.withLock { [memo] cache in
+            cache.memo = memo
             cache.identity = identity
             cache.document = document
             cache.header = StateFileCodec.headerLine(bytes)
@@ -238,7 +243,9 @@ public final class FileBackend: StorageBackend {
     }
 
     private func write(_ document: StateDocument) throws(TabSyncError) {
-        let bytes = StateFileCodec.encode(document)
+        var memo = cache.withLock { $0.memo }
+        let bytes = StateFileCodec.encode(document, memo: &memo)
+        cache.withLock { [memo] in $0.memo = memo }
         let temporaryPath = directory.path(of: temporaryName)
         guard bytes.count <= maximumStateBytes else {
             throw TabSyncError(

@@ -20,33 +20,77 @@ enum StateBody {
     /// How deep unknown values may nest before the body counts as hostile.
     static let maximumDepth = 64
 
+    /// The journal entries of the last body written or read, with their bytes. Consecutive
+    /// states share almost their whole journal, and an entry's bytes are a complete JSON object,
+    /// which always reads as the same entry: so the next encode copies the bytes of every entry
+    /// that did not change, and the next decode takes the entry of every object whose bytes are
+    /// the same, without reading it again. Only the new entries (and the values) cost work.
+    struct Memo: Sendable {
+        /// The bytes the spans point into.
+        var bytes: [UInt8] = []
+        var entries: [JournalEntry] = []
+        /// Where each entry's object is in `bytes`.
+        var spans: [Range<Int>] = []
+
+        /// The index of the entry with this sequence number (the journal's are consecutive).
+        func index(of sequence: UInt64) -> Int? {
+            guard let first = entries.first?.sequence, sequence >= first, sequence - first < UInt64(entries.count) else { return nil }
+            let index = Int(sequence - first)
+            return entries[index].sequence == sequence ? index : nil
+        }
+    }
+
     // MARK: Writing
 
     /// Compact JSON with sorted keys, `/` and non-ASCII characters unescaped, nulls written out
     /// in journal entries, `recovery` omitted when absent: the layout `JSONEncoder` produced with
     /// `[.sortedKeys, .withoutEscapingSlashes]`.
     static func encode(_ document: StateDocument) -> [UInt8] {
+        var memo = Memo()
+        return encode(document, memo: &memo)
+    }
+
+    /// `memo` is what the last encode or decode saw; it is replaced by what this one wrote.
+    static func encode(_ document: StateDocument, memo: inout Memo) -> [UInt8] {
         var out: [UInt8] = []
         out.reserveCapacity(estimatedSize(document))
+        var spans: [Range<Int>] = []
+        spans.reserveCapacity(document.journal.count)
         out.append(contentsOf: #"{"journal":["#.utf8)
         for (index, entry) in document.journal.enumerated() {
             if index > 0 { out.append(UInt8(ascii: ",")) }
-            out.append(contentsOf: #"{"instance":"#.utf8)
-            appendString(entry.instance, to: &out)
-            out.append(contentsOf: #","key":"#.utf8)
-            appendOptional(entry.key, to: &out)
-            out.append(contentsOf: #","new":"#.utf8)
-            appendOptional(entry.newValue, to: &out)
-            out.append(contentsOf: #","old":"#.utf8)
-            appendOptional(entry.oldValue, to: &out)
-            out.append(contentsOf: #","origin":"#.utf8)
-            appendString(entry.origin, to: &out)
-            out.append(contentsOf: #","seq":"#.utf8)
-            out.append(contentsOf: String(entry.sequence).utf8)
-            out.append(contentsOf: #","time":"#.utf8)
-            out.append(contentsOf: String(entry.time).utf8)
-            out.append(UInt8(ascii: "}"))
+            let start = out.count
+            if let known = memo.index(of: entry.sequence), memo.entries[known] == entry {
+                memo.bytes.withUnsafeBufferPointer { out.append(contentsOf: UnsafeBufferPointer(rebasing: $0[memo.spans[known]])) }
+            } else {
+                appendEntry(entry, to: &out)
+            }
+            spans.append(start..<out.count)
         }
+        appendRest(of: document, to: &out)
+        memo = Memo(bytes: out, entries: document.journal, spans: spans)
+        return out
+    }
+
+    private static func appendEntry(_ entry: JournalEntry, to out: inout [UInt8]) {
+        out.append(contentsOf: #"{"instance":"#.utf8)
+        appendString(entry.instance, to: &out)
+        out.append(contentsOf: #","key":"#.utf8)
+        appendOptional(entry.key, to: &out)
+        out.append(contentsOf: #","new":"#.utf8)
+        appendOptional(entry.newValue, to: &out)
+        out.append(contentsOf: #","old":"#.utf8)
+        appendOptional(entry.oldValue, to: &out)
+        out.append(contentsOf: #","origin":"#.utf8)
+        appendString(entry.origin, to: &out)
+        out.append(contentsOf: #","seq":"#.utf8)
+        out.append(contentsOf: String(entry.sequence).utf8)
+        out.append(contentsOf: #","time":"#.utf8)
+        out.append(contentsOf: String(entry.time).utf8)
+        out.append(UInt8(ascii: "}"))
+    }
+
+    private static func appendRest(of document: StateDocument, to out: inout [UInt8]) {
         out.append(UInt8(ascii: "]"))
         if let recovery = document.recovery {
             out.append(contentsOf: #","recovery":"#.utf8)
@@ -66,7 +110,6 @@ enum StateBody {
             appendString(document.values[key]!, to: &out)
         }
         out.append(contentsOf: "}}".utf8)
-        return out
     }
 
     private static func estimatedSize(_ document: StateDocument) -> Int {
@@ -114,15 +157,27 @@ enum StateBody {
 
     // MARK: Reading
 
-    static func decode(_ bytes: some Collection<UInt8>) throws(Problem) -> StateDocument {
-        let result = bytes.withContiguousStorageIfAvailable { buffer in
-            Result { () throws(Problem) in
-                var reader = Reader(buffer)
-                return try reader.document()
+    static func decode(_ bytes: [UInt8]) throws(Problem) -> StateDocument {
+        var memo = Memo()
+        return try decode(bytes, from: 0, memo: &memo)
+    }
+
+    /// Decodes the body that starts at `start` in `bytes` (a whole state file). `memo` is what
+    /// the last encode or decode saw; it is replaced by what this one read, unless it throws.
+    static func decode(_ bytes: [UInt8], from start: Int, memo: inout Memo) throws(Problem) -> StateDocument {
+        let previous = memo
+        let result = bytes.withUnsafeBufferPointer { file in
+            previous.bytes.withUnsafeBufferPointer { known in
+                Result { () throws(Problem) in
+                    var reader = Reader(UnsafeBufferPointer(rebasing: file[start...]), previous: previous, known: known)
+                    let document = try reader.document()
+                    return (document, reader.spans.map { ($0.lowerBound + start)..<($0.upperBound + start) })
+                }
             }
         }
-        if let result { return try result.get() }
-        return try decode(Array(bytes))
+        let (document, spans) = try result.get()
+        memo = Memo(bytes: bytes, entries: document.journal, spans: spans)
+        return document
     }
 
     /// Whether `bytes` are well-formed UTF-8 (no overlong forms, no surrogates, nothing above
@@ -160,7 +215,17 @@ enum StateBody {
         /// handful of them hundreds of times, and a String made once is shared.
         var recent: [(bytes: [UInt8], string: String)] = []
 
-        init(_ bytes: UnsafeBufferPointer<UInt8>) { self.bytes = bytes }
+        /// The last body's entries, and the bytes their spans point into.
+        let previous: Memo
+        let known: UnsafeBufferPointer<UInt8>
+        /// Where each journal entry read so far is, in `bytes`.
+        var spans: [Range<Int>] = []
+
+        init(_ bytes: UnsafeBufferPointer<UInt8>, previous: Memo = Memo(), known: UnsafeBufferPointer<UInt8> = UnsafeBufferPointer(start: nil, count: 0)) {
+            self.bytes = bytes
+            self.previous = previous
+            self.known = known
+        }
 
         func problem(_ message: String, at offset: Int? = nil) -> Problem {
             Problem(offset: offset ?? index, message: message)
@@ -213,12 +278,20 @@ enum StateBody {
 
         mutating func journal() throws(Problem) -> [JournalEntry] {
             var entries: [JournalEntry] = []
+            entries.reserveCapacity(previous.entries.count + 1)
+            spans.removeAll(keepingCapacity: true)
             try expect(UInt8(ascii: "["))
             skipWhitespace()
             if peek() == UInt8(ascii: "]") { index += 1; return entries }
             while true {
                 skipWhitespace()
-                entries.append(try entry())
+                let start = index
+                if let last = entries.last, let reused = reuse(after: last.sequence) {
+                    entries.append(reused)
+                } else {
+                    entries.append(try entry())
+                }
+                spans.append(start..<index)
                 skipWhitespace()
                 switch next() {
                 case UInt8(ascii: ","): continue
@@ -226,6 +299,18 @@ enum StateBody {
                 default: throw problem("expected ',' or ']' in the journal", at: index - 1)
                 }
             }
+        }
+
+        /// The previous body's entry that follows `sequence`, when its bytes come next here:
+        /// a complete object with the same bytes reads as the same entry.
+        mutating func reuse(after sequence: UInt64) -> JournalEntry? {
+            guard sequence < UInt64.max, let known = previous.index(of: sequence + 1) else { return nil }
+            let span = previous.spans[known]
+            guard index + span.count <= bytes.count, span.upperBound <= self.known.count,
+                  memcmp(bytes.baseAddress! + index, self.known.baseAddress! + span.lowerBound, span.count) == 0
+            else { return nil }
+            index += span.count
+            return previous.entries[known]
         }
 
         mutating func entry() throws(Problem) -> JournalEntry {

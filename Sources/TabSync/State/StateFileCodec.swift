@@ -22,7 +22,14 @@ enum StateFileCodec {
     }
 
     static func encode(_ document: StateDocument) -> [UInt8] {
-        let body = StateBody.encode(document)
+        var memo = StateBody.Memo()
+        return encode(document, memo: &memo)
+    }
+
+    /// `memo` is what the last encode or decode saw (it saves the work on unchanged journal
+    /// entries); it is replaced by what this one wrote.
+    static func encode(_ document: StateDocument, memo: inout StateBody.Memo) -> [UInt8] {
+        let body = StateBody.encode(document, memo: &memo)
         let header = "\(magic) \(version) \(document.sequence) \(body.count) \(hex(CRC32.checksum(body)))\n"
         var bytes = [UInt8](header.utf8)
         bytes.reserveCapacity(header.utf8.count + body.count)
@@ -64,6 +71,13 @@ enum StateFileCodec {
 
     /// Decodes a whole file. Throws ``TabSyncError/Code/corruptState`` or ``TabSyncError/Code/unsupportedVersion``.
     static func decode(_ bytes: [UInt8], path: String) throws(TabSyncError) -> StateDocument {
+        var memo = StateBody.Memo()
+        return try decode(bytes, path: path, memo: &memo)
+    }
+
+    /// `memo` is what the last encode or decode saw; it is replaced by what this one read, and
+    /// left as it was when the file is refused.
+    static func decode(_ bytes: [UInt8], path: String, memo: inout StateBody.Memo) throws(TabSyncError) -> StateDocument {
         let header = try header(bytes, path: path)
         let body = bytes[header.headerLength...]
         guard body.count == header.bodyLength else {
@@ -76,7 +90,9 @@ enum StateFileCodec {
         }
         let document: StateDocument
         do {
-            document = try StateBody.decode(body)
+            var next = memo
+            document = try StateBody.decode(bytes, from: header.headerLength, memo: &next)
+            if document.sequence == header.sequence, document.violation() == nil { memo = next }
         } catch {
             throw corrupt(path, "the body is not a valid state document: \(error.message) (at body byte \(error.offset))")
         }
