@@ -60,6 +60,10 @@ enum StateBody {
         for (index, entry) in document.journal.enumerated() {
             if index > 0 { out.append(UInt8(ascii: ",")) }
             let start = out.count
+            // `==` on the entries' strings is canonical equivalence, not byte equality; that is
+            // enough here because an entry with the same sequence number and equal fields comes
+            // from the very file the memo describes (a commit encodes what it read, plus new
+            // entries). Reading, below, reuses an entry only for identical bytes.
             if let known = memo.index(of: entry.sequence), memo.entries[known] == entry {
                 memo.bytes.withUnsafeBufferPointer { out.append(contentsOf: UnsafeBufferPointer(rebasing: $0[memo.spans[known]])) }
             } else {
