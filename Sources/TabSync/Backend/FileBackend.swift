@@ -243,9 +243,10 @@ public final class FileBackend: StorageBackend {
     }
 
     private func write(_ document: StateDocument) throws(TabSyncError) {
+        // The memo is kept only once the file is in place, together with the document it
+        // describes: after a failed write it would describe entries that were never committed.
         var memo = cache.withLock { $0.memo }
         let bytes = StateFileCodec.encode(document, memo: &memo)
-        cache.withLock { [memo] in $0.memo = memo }
         let temporaryPath = directory.path(of: temporaryName)
         guard bytes.count <= maximumStateBytes else {
             throw TabSyncError(
@@ -289,11 +290,12 @@ public final class FileBackend: StorageBackend {
         close(fd)
         var written = document
         written.scrubbed = false  // not stored: a decoded document never has it
-        cache.withLock { cache in
+        cache.withLock { [memo] cache in
             cache.identity = identity
             cache.document = identity == nil ? nil : written
             cache.header = StateFileCodec.headerLine(bytes)
             cache.lastGood = written
+            cache.memo = memo
         }
         if durability == .full, fsync(directory.descriptor) != 0 {
             throw TabSyncError.system("fsync", .current, path: directory.path)

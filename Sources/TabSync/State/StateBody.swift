@@ -63,7 +63,8 @@ enum StateBody {
             // `==` on the entries' strings is canonical equivalence, not byte equality; that is
             // enough here because an entry with the same sequence number and equal fields comes
             // from the very file the memo describes (a commit encodes what it read, plus new
-            // entries). Reading, below, reuses an entry only for identical bytes.
+            // entries, and FileBackend keeps the memo of a file only once it is in place).
+            // Reading, below, reuses an entry only for identical bytes.
             if let known = memo.index(of: entry.sequence), memo.entries[known] == entry {
                 memo.bytes.withUnsafeBufferPointer { out.append(contentsOf: UnsafeBufferPointer(rebasing: $0[memo.spans[known]])) }
             } else {
