@@ -43,10 +43,13 @@ struct Controller: Sendable {
         for await notification in notifications {
             switch notification {
             case let .change(event):
+                // A tab that fell further behind than the journal reaches gets one event per key
+                // that differs, all at the newest `seq`: marked, so that a reader of the protocol
+                // can tell them from the replay of single changes.
                 output.emit([
                     ("type", .string("storage")), ("key", .from(event.key)), ("oldValue", .from(event.oldValue)),
                     ("newValue", .from(event.newValue)), ("origin", .string(event.origin)), ("seq", .int(Int64(event.sequence))),
-                ])
+                ] + (event.isResync ? [("resync", .bool(true))] : []))
             case let .problem(error):
                 output.emit([("type", .string("error")), ("code", .string(Self.code(error))), ("message", .string(error.description))])
             case let .detectionChanged(detection):
