@@ -179,7 +179,9 @@ public final class FileBackend: StorageBackend {
             if got == 0 { break }
             done += got
         }
-        return Array(bytes[..<done])
+        // A file that shrank under us; no copy in the usual case.
+        bytes.removeLast(count - done)
+        return bytes
     }
 
     // MARK: Committing
