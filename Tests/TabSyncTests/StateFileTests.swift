@@ -28,6 +28,12 @@ struct StateFileTests {
         ("tabsync-state 1 0 999 00000000\n{}", "truncated"),
         ("tabsync-state 1 0 2 00000000\n{}", "checksum"),
         ("tabsync-state 1 0 2\n{}", "malformed"),
+        // Signs are not digits (Swift's integer parsing would take them).
+        ("tabsync-state +1 0 2 00000000\n{}", "version is not a number"),
+        ("tabsync-state -1 0 2 00000000\n{}", "version is not a number"),
+        ("tabsync-state 1 +0 2 00000000\n{}", "malformed"),
+        ("tabsync-state 1 0 +2 00000000\n{}", "malformed"),
+        ("tabsync-state 1 0 2 +0000000\n{}", "malformed"),
     ])
     func corruptFilesAreNamedPrecisely(contents: String, problem: String) {
         #expect {
@@ -86,6 +92,24 @@ struct StateFileTests {
         #expect(aside.count == 1)
         try writer.set("c", "3")
         #expect(try observer.get("c") == "3")
+    }
+
+    /// A planted file at the largest valid sequence number (2^53) takes commits without a crash
+    /// or a loss: the storage goes on in a new store, and a file beyond 2^53 is corrupt.
+    @Test func aSequenceNumberAtTheLimitNeitherCrashesNorLosesAValue() throws {
+        let directory = TemporaryDirectory()
+        _ = try SharedStorage(directory: directory.path, origin: "setup")
+        let top = StateDocument.maximumSequence
+        let planted = StateDocument(storeID: "planted", sequence: top, values: ["a": "1"])
+        try write(String(decoding: StateFileCodec.encode(planted), as: UTF8.self), to: directory.file("storage.state"))
+        let storage = try SharedStorage(directory: directory.path, origin: "a")
+        #expect(try storage.set("b", "2") == 1)
+        #expect(try storage.set("c", "3") == 2)
+        let other = try SharedStorage(directory: directory.path, origin: "b")
+        #expect(try other.snapshot().values == ["a": "1", "b": "2", "c": "3"])
+
+        let beyond = StateDocument(storeID: "planted", sequence: top + 1)
+        #expect(throws: TabSyncError.self) { try StateFileCodec.decode(StateFileCodec.encode(beyond), path: "p") }
     }
 
     @Test func filesAreCreatedPrivate() throws {

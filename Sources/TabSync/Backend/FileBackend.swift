@@ -124,18 +124,19 @@ public final class FileBackend: StorageBackend {
 
     public func load() throws(TabSyncError) -> StateDocument {
         do {
-            return try read()
+            return try read().document
         } catch where error.code == .corruptState {
             return try commit { document in document }
         }
     }
 
     /// Reads the state file; an unchanged file (same inode, size and times) is not read again.
-    /// A missing file reads as an empty state with no store identifier.
-    private func read() throws(TabSyncError) -> StateDocument {
+    /// A missing file reads as an empty state with no store identifier. Also returns the file's
+    /// header line (empty for a missing file), which tells the file apart from others.
+    private func read() throws(TabSyncError) -> (document: StateDocument, header: ArraySlice<UInt8>) {
         let path = location
         guard let fd = try directory.openExisting(stateName, flags: O_RDONLY) else {
-            return StateDocument(storeID: "")
+            return (StateDocument(storeID: ""), [])
         }
         defer { close(fd) }
         var info = stat()
@@ -147,7 +148,7 @@ public final class FileBackend: StorageBackend {
         }
         if let (cached, header) = hit {
             let start = try readAll(fd, count: min(header.count, Int(info.st_size)), path: path)
-            if start.elementsEqual(header) { return cached }
+            if start.elementsEqual(header) { return (cached, header) }
         }
         guard Int(info.st_size) <= maximumStateBytes else {
             throw TabSyncError(
@@ -157,16 +158,17 @@ public final class FileBackend: StorageBackend {
         let bytes = try readAll(fd, count: Int(info.st_size), path: path)
         var memo = cache.withLock { $0.memo }
         let document = try StateFileCodec.decode(bytes, path: path, memo: &memo)
+        let header = StateFileCodec.headerLine(bytes)
         cache.withLock { [memo] cache in
             cache.memo = memo
             cache.identity = identity
             cache.document = document
-            cache.header = StateFileCodec.headerLine(bytes)
+            cache.header = header
             if document.storeID != cache.lastGood?.storeID || document.sequence >= cache.lastGood?.sequence ?? 0 {
                 cache.lastGood = document
             }
         }
-        return document
+        return (document, header)
     }
 
     private func readAll(_ fd: Int32, count: Int, path: String) throws(TabSyncError) -> [UInt8] {
@@ -192,27 +194,34 @@ public final class FileBackend: StorageBackend {
                 throw TabSyncError(code: .io, path: directory.path(of: commitLock.fileName), message: "The commit lock could not be taken")
             }
             defer { hold.release() }
-            var (document, mustWrite) = try readLocked()
+            var (document, source, mustWrite) = try readLocked()
+            if document.sequence > StateDocument.maximumSequence - (1 << 24) {
+                // Sequence numbers run out (only a planted file gets this far): go on in a new
+                // store with the same values, which readers resynchronise to.
+                document = StateDocument(values: document.values)
+                (source, mustWrite) = ([], true)
+            }
             let before = (document.storeID, document.sequence)
             let result = try body(&document)
             if mustWrite || document.scrubbed || before != (document.storeID, document.sequence) {
-                try write(document)
+                try write(document, derivedFrom: source)
             }
             return result
         }
     }
 
-    /// Reads the state under the commit lock, recovering a corrupt one.
-    /// Returns the document and whether it must be written even if unchanged.
-    private func readLocked() throws(TabSyncError) -> (StateDocument, Bool) {
+    /// Reads the state under the commit lock, recovering a corrupt one. Returns the document,
+    /// the header line of the file it was read from (empty for a new one), and whether it must
+    /// be written even if unchanged.
+    private func readLocked() throws(TabSyncError) -> (StateDocument, ArraySlice<UInt8>, Bool) {
         do {
-            let document = try read()
+            let (document, header) = try read()
             if document.storeID.isEmpty {
-                return (StateDocument(), true)
+                return (StateDocument(), [], true)
             }
-            return (document, false)
+            return (document, header, false)
         } catch where error.code == .corruptState {
-            return (try recover(from: error), true)
+            return (try recover(from: error), [], true)
         }
     }
 
@@ -237,17 +246,22 @@ public final class FileBackend: StorageBackend {
         }
         var recovered = best?.0 ?? StateDocument()
         recovered.storeID = StateDocument.newStoreID()
-        recovered.sequence += 1
+        // A new store, so readers resynchronise whatever the number; it goes on counting unless
+        // it came from a file with a sequence number too large to count on from.
+        recovered.sequence = recovered.sequence < StateDocument.maximumSequence ? recovered.sequence + 1 : 1
         recovered.journal = []
         let source = best?.1 ?? "nothing (no valid earlier state; starting empty)"
         recovered.recovery = "\(problem.message); moved it aside as \(asideName) and recovered from \(source)"
         return recovered
     }
 
-    private func write(_ document: StateDocument) throws(TabSyncError) {
-        // The memo is kept only once the file is in place, together with the document it
-        // describes: after a failed write it would describe entries that were never committed.
+    /// Writes `document`, which was read from the file whose header line is `source`.
+    private func write(_ document: StateDocument, derivedFrom source: ArraySlice<UInt8>) throws(TabSyncError) {
+        // The memo helps only if it describes the file the document was read from (another
+        // thread may have read another file since); it is kept only once the new file is in
+        // place: after a failed write it would describe entries that were never committed.
         var memo = cache.withLock { $0.memo }
+        if !memo.header.elementsEqual(source) { memo = StateBody.Memo() }
         let bytes = StateFileCodec.encode(document, memo: &memo)
         let temporaryPath = directory.path(of: temporaryName)
         guard bytes.count <= maximumStateBytes else {

@@ -26,6 +26,8 @@ enum StateBody {
     /// that did not change, and the next decode takes the entry of every object whose bytes are
     /// the same, without reading it again. Only the new entries (and the values) cost work.
     struct Memo: Sendable {
+        /// The header line of the file these entries are from: the file is told apart by it.
+        var header: [UInt8] = []
         /// The bytes the spans point into.
         var bytes: [UInt8] = []
         var entries: [JournalEntry] = []
@@ -60,11 +62,11 @@ enum StateBody {
         for (index, entry) in document.journal.enumerated() {
             if index > 0 { out.append(UInt8(ascii: ",")) }
             let start = out.count
-            // `==` on the entries' strings is canonical equivalence, not byte equality; that is
-            // enough here because an entry with the same sequence number and equal fields comes
-            // from the very file the memo describes (a commit encodes what it read, plus new
-            // entries, and FileBackend keeps the memo of a file only once it is in place).
-            // Reading, below, reuses an entry only for identical bytes.
+            // `==` on the entries' strings is canonical equivalence, not byte equality. That is
+            // enough because the caller passes a memo only of the file the document was read
+            // from (FileBackend compares the header lines), so an unchanged entry was read from
+            // these very bytes; a changed one (scrubbed, new) differs. Reading, below, reuses an
+            // entry only for identical bytes.
             if let known = memo.index(of: entry.sequence), memo.entries[known] == entry {
                 memo.bytes.withUnsafeBufferPointer { out.append(contentsOf: UnsafeBufferPointer(rebasing: $0[memo.spans[known]])) }
             } else {
@@ -274,9 +276,18 @@ enum StateBody {
         mutating func values() throws(Problem) -> [String: String] {
             var values: [String: String] = [:]
             try object { reader, key throws(Problem) in
-                guard values.updateValue(try reader.string(), forKey: try reader.makeString(key)) == nil else {
-                    throw reader.problem("a key appears twice in \"values\"", at: key.start)
+                let name = try reader.makeString(key)
+                let value = try reader.string()
+                if let existing = values.index(forKey: name) {
+                    // The same name twice is ambiguous: refused. Two names that differ only in
+                    // Unicode normalisation are one key to Swift: the first stays, as with
+                    // Foundation's JSONDecoder (docs/FORMAT.md).
+                    if values[existing].key.utf8.elementsEqual(name.utf8) {
+                        throw reader.problem("a key appears twice in \"values\"", at: key.start)
+                    }
+                    return
                 }
+                values[name] = value
             }
             return values
         }
@@ -598,7 +609,10 @@ enum StateBody {
                 while reader.index < reader.bytes.count, (UInt8(ascii: "0")...UInt8(ascii: "9")).contains(reader.bytes[reader.index]) { reader.index += 1 }
                 return reader.index - first
             }
-            guard digits(&self) > 0 else { throw problem("expected a value", at: start) }
+            let integer = index
+            let count = digits(&self)
+            guard count > 0 else { throw problem("expected a value", at: start) }
+            guard count == 1 || bytes[integer] != UInt8(ascii: "0") else { throw problem("a number has a leading zero", at: start) }
             if peek() == UInt8(ascii: ".") {
                 index += 1
                 guard digits(&self) > 0 else { throw problem("a number has no digits after '.'", at: start) }

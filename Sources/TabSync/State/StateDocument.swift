@@ -83,7 +83,13 @@ public struct StateDocument: Sendable, Hashable, Codable {
     }
 
     /// Checks the invariants a reader relies on. Returns a description of the first violation.
+    /// The largest sequence number a valid state has: 2^53, the largest integer that every
+    /// JSON reader (JavaScript's included) reads exactly. Far beyond any real session, and it
+    /// leaves room above it, so that counting on from a planted file cannot overflow.
+    public static let maximumSequence: UInt64 = 1 << 53
+
     func violation() -> String? {
+        if sequence > Self.maximumSequence { return "the sequence number is above 2^53" }
         // Checked first: the expected sequences below would underflow otherwise.
         if UInt64(journal.count) > sequence { return "journal is longer than the sequence" }
         for (index, entry) in journal.enumerated() {

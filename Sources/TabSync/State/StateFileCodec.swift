@@ -31,6 +31,7 @@ enum StateFileCodec {
     static func encode(_ document: StateDocument, memo: inout StateBody.Memo) -> [UInt8] {
         let body = StateBody.encode(document, memo: &memo)
         let header = "\(magic) \(version) \(document.sequence) \(body.count) \(hex(CRC32.checksum(body)))\n"
+        memo.header = Array(header.utf8)
         var bytes = [UInt8](header.utf8)
         bytes.reserveCapacity(header.utf8.count + body.count)
         bytes.append(contentsOf: body)
@@ -54,14 +55,21 @@ enum StateFileCodec {
         guard fields.first == Substring(magic), fields.count >= 2 else {
             throw corrupt(path, "no valid header line (not a TabSync state file)")
         }
-        guard let version = Int(fields[1]) else { throw corrupt(path, "the header's version is not a number") }
+        // Plain digits only: Swift's integer parsing would also take a sign ("+1").
+        func decimal(_ field: Substring) -> Bool { !field.isEmpty && field.utf8.allSatisfy { (UInt8(ascii: "0")...UInt8(ascii: "9")).contains($0) } }
+        func hex(_ field: Substring) -> Bool {
+            field.utf8.count == 8 && field.utf8.allSatisfy {
+                (UInt8(ascii: "0")...UInt8(ascii: "9")).contains($0) || (UInt8(ascii: "a")...UInt8(ascii: "f")).contains($0) || (UInt8(ascii: "A")...UInt8(ascii: "F")).contains($0)
+            }
+        }
+        guard decimal(fields[1]), let version = Int(fields[1]) else { throw corrupt(path, "the header's version is not a number") }
         guard version == Self.version else {
             throw TabSyncError(
                 code: .unsupportedVersion, path: path,
                 message: "The state file has format version \(version); this TabSync reads version \(Self.version) (written by a newer TabSync?)")
         }
-        guard fields.count == 5, let sequence = UInt64(fields[2]), let length = Int(fields[3]), length >= 0,
-              fields[4].count == 8, let checksum = UInt32(fields[4], radix: 16)
+        guard fields.count == 5, decimal(fields[2]), decimal(fields[3]), hex(fields[4]),
+              let sequence = UInt64(fields[2]), let length = Int(fields[3]), let checksum = UInt32(fields[4], radix: 16)
         else {
             throw corrupt(path, "the header line is malformed")
         }
@@ -92,7 +100,10 @@ enum StateFileCodec {
         do {
             var next = memo
             document = try StateBody.decode(bytes, from: header.headerLength, memo: &next)
-            if document.sequence == header.sequence, document.violation() == nil { memo = next }
+            if document.sequence == header.sequence, document.violation() == nil {
+                next.header = Array(headerLine(bytes))
+                memo = next
+            }
         } catch {
             throw corrupt(path, "the body is not a valid state document: \(error.message) (at body byte \(error.offset))")
         }
