@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 
 /// The shared session as stored under the key `record` of the storage `session`.
 /// Times are milliseconds since 1970 (wall clock). Tokens live only here, in a 0600 file.
@@ -39,9 +40,16 @@ struct SessionRecord: Codable, Sendable, Equatable {
 
     static let key = "record"
 
+    /// The last record decoded in this process, with its text: every process reads the record on
+    /// every change to the session, and between changes it is the same text.
+    private static let lastDecoded = Mutex<(text: String, record: SessionRecord)?>(nil)
+
     static func decode(_ text: String?) -> SessionRecord? {
-        guard let text, let data = text.data(using: .utf8) else { return nil }
-        return try? JSONDecoder().decode(SessionRecord.self, from: data)
+        guard let text else { return nil }
+        if let last = lastDecoded.withLock({ $0 }), last.text.utf8.elementsEqual(text.utf8) { return last.record }
+        guard let record = try? JSONDecoder().decode(SessionRecord.self, from: Data(text.utf8)) else { return nil }
+        lastDecoded.withLock { $0 = (text, record) }
+        return record
     }
 
     func encoded() -> String {
