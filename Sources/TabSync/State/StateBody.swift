@@ -241,25 +241,15 @@ enum StateBody {
         mutating func document() throws(Problem) -> StateDocument {
             var store: String?, sequence: UInt64?, values: [String: String]?, journal: [JournalEntry]?, recovery: String?
             skipWhitespace()
-            var seen = Fields()
+            var seen = Fields(names: ["journal", "seq", "store", "values", "recovery"])
             try object { reader, key throws(Problem) in
-                if reader.token(key, is: "journal") {
-                    try seen.insert(0, key, reader)
-                    journal = try reader.journal()
-                } else if reader.token(key, is: "seq") {
-                    try seen.insert(1, key, reader)
-                    sequence = try reader.unsigned()
-                } else if reader.token(key, is: "store") {
-                    try seen.insert(2, key, reader)
-                    store = try reader.string()
-                } else if reader.token(key, is: "values") {
-                    try seen.insert(3, key, reader)
-                    values = try reader.values()
-                } else if reader.token(key, is: "recovery") {
-                    try seen.insert(4, key, reader)
-                    recovery = try reader.optionalString()
-                } else {
-                    try reader.skipValue(depth: 1)
+                switch try seen.match(key, in: reader) {
+                case 0: journal = try reader.journal()
+                case 1: sequence = try reader.unsigned()
+                case 2: store = try reader.string()
+                case 3: values = try reader.values()
+                case 4: recovery = try reader.optionalString()
+                default: try reader.skipValue(depth: 1)
                 }
             }
             skipWhitespace()
@@ -296,25 +286,16 @@ enum StateBody {
             var entries: [JournalEntry] = []
             entries.reserveCapacity(previous.entries.count + 1)
             spans.removeAll(keepingCapacity: true)
-            try expect(UInt8(ascii: "["))
-            skipWhitespace()
-            if peek() == UInt8(ascii: "]") { index += 1; return entries }
-            while true {
-                skipWhitespace()
-                let start = index
-                if let last = entries.last, let reused = reuse(after: last.sequence) {
+            try array("the journal") { reader throws(Problem) in
+                let start = reader.index
+                if let last = entries.last, let reused = reader.reuse(after: last.sequence) {
                     entries.append(reused)
                 } else {
-                    entries.append(try entry())
+                    entries.append(try reader.entry())
                 }
-                spans.append(start..<index)
-                skipWhitespace()
-                switch next() {
-                case UInt8(ascii: ","): continue
-                case UInt8(ascii: "]"): return entries
-                default: throw problem("expected ',' or ']' in the journal", at: index - 1)
-                }
+                reader.spans.append(start..<reader.index)
             }
+            return entries
         }
 
         /// The previous body's entry that follows `sequence`, when its bytes come next here:
@@ -332,31 +313,17 @@ enum StateBody {
         mutating func entry() throws(Problem) -> JournalEntry {
             let start = index
             var sequence: UInt64?, key: String?, old: String?, new: String?, origin: String?, instance: String?, time: Int64?
-            var seen = Fields()
+            var seen = Fields(names: ["instance", "key", "new", "old", "origin", "seq", "time"])
             try object { reader, field throws(Problem) in
-                if reader.token(field, is: "instance") {
-                    try seen.insert(0, field, reader)
-                    instance = try reader.sharedString()
-                } else if reader.token(field, is: "key") {
-                    try seen.insert(1, field, reader)
-                    key = try reader.optionalString()
-                } else if reader.token(field, is: "new") {
-                    try seen.insert(2, field, reader)
-                    new = try reader.optionalString()
-                } else if reader.token(field, is: "old") {
-                    try seen.insert(3, field, reader)
-                    old = try reader.optionalString()
-                } else if reader.token(field, is: "origin") {
-                    try seen.insert(4, field, reader)
-                    origin = try reader.sharedString()
-                } else if reader.token(field, is: "seq") {
-                    try seen.insert(5, field, reader)
-                    sequence = try reader.unsigned()
-                } else if reader.token(field, is: "time") {
-                    try seen.insert(6, field, reader)
-                    time = try reader.signed()
-                } else {
-                    try reader.skipValue(depth: 2)
+                switch try seen.match(field, in: reader) {
+                case 0: instance = try reader.sharedString()
+                case 1: key = try reader.optionalString()
+                case 2: new = try reader.optionalString()
+                case 3: old = try reader.optionalString()
+                case 4: origin = try reader.sharedString()
+                case 5: sequence = try reader.unsigned()
+                case 6: time = try reader.signed()
+                default: try reader.skipValue(depth: 2)
                 }
             }
             guard let sequence, let origin, let instance, let time else {
@@ -369,10 +336,17 @@ enum StateBody {
         /// invalid: JSON leaves the meaning of duplicate names open, and two readers that settle
         /// it differently would see different states in one file.
         struct Fields {
-            var bits: UInt8 = 0
-            mutating func insert(_ field: Int, _ key: StringToken, _ reader: Reader) throws(Problem) {
-                guard bits & (1 << field) == 0 else { throw reader.problem("a field appears twice in an object", at: key.start) }
-                bits |= 1 << field
+            /// The names this object knows, in the order of the indices `match` returns.
+            let names: [StaticString]
+            var seen: UInt8 = 0
+
+            /// The index of `key` among the known names (nil for an unknown one), refusing a
+            /// known name that was seen before in this object.
+            mutating func match(_ key: StringToken, in reader: Reader) throws(Problem) -> Int? {
+                guard let field = names.firstIndex(where: { reader.token(key, is: $0) }) else { return nil }
+                guard seen & (1 << field) == 0 else { throw reader.problem("a field appears twice in an object", at: key.start) }
+                seen |= 1 << field
+                return field
             }
         }
 
@@ -394,6 +368,23 @@ enum StateBody {
                 case UInt8(ascii: ","): continue
                 case UInt8(ascii: "}"): return
                 default: throw problem("expected ',' or '}' in an object", at: index - 1)
+                }
+            }
+        }
+
+        /// Reads `[ value, ... ]`, calling `element` with the reader placed at each value.
+        mutating func array(_ what: String, _ element: (inout Reader) throws(Problem) -> Void) throws(Problem) {
+            try expect(UInt8(ascii: "["))
+            skipWhitespace()
+            if peek() == UInt8(ascii: "]") { index += 1; return }
+            while true {
+                skipWhitespace()
+                try element(&self)
+                skipWhitespace()
+                switch next() {
+                case UInt8(ascii: ","): continue
+                case UInt8(ascii: "]"): return
+                default: throw problem("expected ',' or ']' in \(what)", at: index - 1)
                 }
             }
         }
@@ -580,20 +571,7 @@ enum StateBody {
             switch peek() {
             case UInt8(ascii: "\""): _ = try string()  // made, so that its escapes and UTF-8 are checked
             case UInt8(ascii: "{"): try object { reader, _ throws(Problem) in try reader.skipValue(depth: depth + 1) }
-            case UInt8(ascii: "["):
-                index += 1
-                skipWhitespace()
-                if peek() == UInt8(ascii: "]") { index += 1; return }
-                while true {
-                    skipWhitespace()
-                    try skipValue(depth: depth + 1)
-                    skipWhitespace()
-                    switch next() {
-                    case UInt8(ascii: ","): continue
-                    case UInt8(ascii: "]"): return
-                    default: throw problem("expected ',' or ']' in an array", at: index - 1)
-                    }
-                }
+            case UInt8(ascii: "["): try array("an array") { reader throws(Problem) in try reader.skipValue(depth: depth + 1) }
             case UInt8(ascii: "t"): guard try literal("true") else { throw problem("expected a value") }
             case UInt8(ascii: "f"): guard try literal("false") else { throw problem("expected a value") }
             case UInt8(ascii: "n"): guard try literal("null") else { throw problem("expected a value") }

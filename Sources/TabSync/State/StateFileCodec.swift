@@ -101,7 +101,7 @@ enum StateFileCodec {
             var next = memo
             document = try StateBody.decode(bytes, from: header.headerLength, memo: &next)
             if document.sequence == header.sequence, document.violation() == nil {
-                next.header = Array(headerLine(bytes))
+                next.header = Array(bytes[..<header.headerLength])
                 memo = next
             }
         } catch {
