@@ -140,20 +140,7 @@ final class SoakTab: Sendable {
         try process.run()
         self.process = process
         self.input = stdin.fileHandleForWriting
-        let output = stdout.fileHandleForReading
-        let thread = Thread { [self] in
-            var buffer = Data()
-            while true {
-                let chunk = output.availableData
-                if chunk.isEmpty { break }
-                buffer.append(chunk)
-                while let newline = buffer.firstIndex(of: UInt8(ascii: "\n")) {
-                    check(buffer[buffer.startIndex..<newline])
-                    buffer.removeSubrange(buffer.startIndex...newline)
-                }
-            }
-        }
-        thread.start()
+        ChildProcess.readLines(stdout.fileHandleForReading) { [self] line in check(Data(line.utf8)) }
     }
 
     static func launch(name: String, directory: String) async throws -> SoakTab {

@@ -56,11 +56,12 @@ final class ChildProcess: Sendable {
         try process.run()
         self.process = process
         self.input = stdin.fileHandleForWriting
-        Self.read(stdout.fileHandleForReading) { [self] line in lines.withLock { $0.append(line) } }
-        Self.read(stderr.fileHandleForReading) { [self] line in errors.withLock { $0 += line + "\n" } }
+        Self.readLines(stdout.fileHandleForReading) { [self] line in lines.withLock { $0.append(line) } }
+        Self.readLines(stderr.fileHandleForReading) { [self] line in errors.withLock { $0 += line + "\n" } }
     }
 
-    private static func read(_ handle: FileHandle, _ deliver: @escaping @Sendable (String) -> Void) {
+    /// Delivers each line of `handle` (a last one without a newline too) on a thread of its own.
+    static func readLines(_ handle: FileHandle, _ deliver: @escaping @Sendable (String) -> Void) {
         let thread = Thread {
             var buffer = Data()
             while true {
