@@ -5,6 +5,7 @@ import os
 GOAL_LATENCY_RATIO = 2.0
 GOAL_THROUGHPUT_RATIO = 0.5
 GOAL_IDLE_MS = 1.0
+SIGNED_IN_IDLE = "tab, signed in: run() with policy and proactive refresh"
 
 
 def us(value):
@@ -54,10 +55,16 @@ def goals(document):
         storms = len(document["storm"])
         out.append(("exactly one refresh request per storm",
                     f"{storms} storms, refresh requests per storm: {', '.join(map(str, counts))}", counts == [1]))
-    idle = find(document["idle"], impl="tabsync")
-    if idle:
-        out.append((f"idle CPU under {GOAL_IDLE_MS:g} ms per 10 s",
-                    f"{idle['cpu_ms']:.3f} ms, {idle['wakeups']:.0f} wake-ups per 10 s", idle["cpu_ms"] < GOAL_IDLE_MS))
+    bare = find(document["idle"], impl="Swift async process, no TabSync")
+    for impl, label in (("tabsync", "storage only"), (SIGNED_IN_IDLE, "a signed-in tab running run()")):
+        idle = find(document["idle"], impl=impl)
+        if idle:
+            # "No wake-ups of its own": at most the bare Swift process's, plus one for rounding.
+            quiet = bare is None or idle["wakeups"] <= bare["wakeups"] + 1
+            out.append((f"idle CPU under {GOAL_IDLE_MS:g} ms per 10 s and no wake-ups of its own, {label}",
+                        f"{idle['cpu_ms']:.3f} ms, {idle['wakeups']:.0f} wake-ups per 10 s"
+                        + (f" (bare Swift process: {bare['wakeups']:.0f})" if bare else ""),
+                        idle["cpu_ms"] < GOAL_IDLE_MS and quiet))
     return out
 
 

@@ -7,7 +7,7 @@ import TabSyncAuth
 import Glibc
 #endif
 
-/// The example client: one "tab" of a shared session (../shared/specs/tab-protocol.md).
+/// The example client: one "tab" of a shared session (docs/tab-protocol.md).
 @main
 struct Tab: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
@@ -47,6 +47,9 @@ struct Tab: AsyncParsableCommand {
     @Option(help: "Sign out this many seconds after sign-in.")
     var absoluteTimeout: Double?
 
+    @Option(help: "Refresh in the background this many seconds before the leeway, so that `token` rarely waits.")
+    var proactiveRefresh: Double?
+
     static func main() async {
         signal(SIGPIPE, SIG_IGN)
         // A file size limit (RLIMIT_FSIZE) then fails the write with EFBIG instead of killing the tab.
@@ -77,8 +80,9 @@ struct Tab: AsyncParsableCommand {
 
     func start() async {
         // Configuration first: nothing is written to the directory when it is bad.
-        guard leeway >= 0, idleTimeout.map({ $0 > 0 }) ?? true, absoluteTimeout.map({ $0 > 0 }) ?? true else {
-            Self.fail("--leeway must be zero or more, and the timeouts more than zero")
+        guard leeway >= 0, idleTimeout.map({ $0 > 0 }) ?? true, absoluteTimeout.map({ $0 > 0 }) ?? true,
+              proactiveRefresh.map({ $0 > 0 }) ?? true else {
+            Self.fail("--leeway must be zero or more, and the timeouts and --proactive-refresh more than zero")
         }
         guard !name.isEmpty, !name.contains(where: \.isNewline) else { Self.fail("--name must be a non-empty single line") }
         var client: OAuthClient?
@@ -107,6 +111,7 @@ struct Tab: AsyncParsableCommand {
             app = try SharedStorage(directory: dir, name: "app", origin: name)
             var options = AuthSession.Options()
             options.leeway = .milliseconds(Int64(leeway * 1000))
+            options.proactiveRefresh = proactiveRefresh.map { .milliseconds(Int64($0 * 1000)) }
             options.policy = SessionPolicy(
                 idleTimeout: idleTimeout.map { .milliseconds(Int64($0 * 1000)) },
                 absoluteTimeout: absoluteTimeout.map { .milliseconds(Int64($0 * 1000)) })

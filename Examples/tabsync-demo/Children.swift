@@ -110,6 +110,19 @@ final class Child: @unchecked Sendable {
     }
 
     var pid: Int32 { process.processIdentifier }
+    /// When the process was started, for its CPU share.
+    let startedAt = Date()
+
+    /// The CPU time the process has used so far (utime + stime from `/proc/PID/stat`), or nil
+    /// once it is gone.
+    var cpuSeconds: Double? {
+        guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+              let close = stat.lastIndex(of: ")") else { return nil }
+        // Fields after the command name, which may contain spaces: utime and stime are 14 and 15.
+        let fields = stat[stat.index(after: close)...].split(separator: " ")
+        guard fields.count > 12, let user = Double(fields[11]), let system = Double(fields[12]) else { return nil }
+        return (user + system) / Double(sysconf(Int32(_SC_CLK_TCK)))
+    }
 
     // MARK: Input
 

@@ -154,6 +154,10 @@ final class Story {
         check(origins(events) == [victim.name], "every tab reported signedOut (refreshFailed) by \(victim.name)")
     }
 
+    /// The most CPU a tab may use over the story, as a share of one core. The tabs spend most of
+    /// it waiting; start-up and the story's commands take a few percent.
+    static let maximumCPUShare = 0.25
+
     private func summarise() throws(DemoFailure) -> Bool {
         console.narrate("6/\(stepCount) Summary", "What every tab saw, and what the token server counted.")
 
@@ -205,6 +209,16 @@ final class Story {
             console.line("demo", "note: error events or unreadable lines in \(Set(problems).sorted().joined(separator: ", ")) (shown above)",
                          tone: .warning)
         }
+
+        // CPU: a tab at rest sleeps, so over the whole story each uses a small share of a core
+        // (a tab whose loop spun would use most of one).
+        let usage = tabs.map { tab in (tab, tab.cpuSeconds, Date().timeIntervalSince(tab.startedAt)) }
+        console.line("demo", "CPU time over the story: " + usage.map { tab, cpu, wall in
+            "\(tab.name) \(cpu.map { String(format: "%.2f s", $0) } ?? "?") of \(String(format: "%.0f s", wall))"
+        }.joined(separator: ", "))
+        let busiest = usage.compactMap { _, cpu, wall in cpu.map { $0 / max(wall, 1) } }.max() ?? 1
+        check(usage.allSatisfy { $0.1 != nil } && busiest < Self.maximumCPUShare,
+              String(format: "every tab used under %.0f %% of a core (the busiest %.1f %%)", Self.maximumCPUShare * 100, busiest * 100))
 
         // The server's side.
         let stats = try HTTP.json("GET", server.appendingPathComponent("stats"), timeout: settings.timeout)

@@ -89,6 +89,8 @@ public final class AuthSession: Sendable {
     private let inFlight = Mutex<(generation: Int, task: Task<Result<AccessToken, AuthError>, Never>)?>(nil)
     private let notices = Mutex<[UInt64: AsyncStream<SessionEvent>.Continuation]>([:])
     private let noticeIDs = Atomic<UInt64>(0)
+    /// How often ``run()``'s loop has looked at the session, for tests of its idleness.
+    let runTurns = Atomic<Int>(0)
 
     /// Joins the session in `directory` (storage `session`), creating it when missing.
     public convenience init(directory: String, origin: String, client: OAuthClient?, options: Options = Options()) throws(AuthError) {
@@ -419,8 +421,14 @@ public final class AuthSession: Sendable {
 
     /// Watches the session: signs out at the policy's deadlines (in whichever process gets
     /// there first), announces `expiring` ahead of them in every process, and refreshes
-    /// proactively when configured. Deadlines are wall-clock times, re-checked at least every
-    /// 30 seconds, so a suspended machine does not skip them. Returns when the task is cancelled.
+    /// proactively when configured. Returns when the task is cancelled.
+    ///
+    /// Between deadlines it sleeps: it wakes for a change of the session (in any process), for
+    /// the next deadline of its own (a notice, a sign-out, a proactive refresh, the end of a
+    /// shared backoff), or for cancellation, and for nothing else. Without a deadline (signed
+    /// out, or signed in with no policy and no proactive refresh) it never wakes on its own.
+    /// Deadlines are wall-clock times; a wait for one lasts at most ``maximumRunSleep`` (five
+    /// minutes), so that a wall clock set forward meanwhile is noticed within that time.
     public func run() async {
         let (wakes, wake) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
         let changes = storage.events(includingOwnChanges: true)
@@ -429,9 +437,13 @@ public final class AuthSession: Sendable {
         }
         defer { forwarder.cancel() }
         var warned: Set<Int64> = []
+        var failures = 0
+        var retryAfter: Int64?
         var iterator = wakes.makeAsyncIterator()
         while !Task.isCancelled {
-            var sleep: Int64 = 30000
+            runTurns.add(1, ordering: .relaxed)
+            var wakeAt: Int64?
+            func wakeUp(at time: Int64) { wakeAt = min(wakeAt ?? time, time) }
             if let (record, _) = try? record(), record.state == .signedIn {
                 let now = Date().millisecondsSince1970
                 if let (deadline, reason) = Self.deadline(of: record) {
@@ -448,32 +460,48 @@ public final class AuthSession: Sendable {
                             broadcast(.expiring(in: .milliseconds(deadline - now), reason: reason))
                         }
                     } else {
-                        sleep = min(sleep, deadline - lead - now)
+                        wakeUp(at: deadline - lead)
                     }
-                    sleep = min(sleep, deadline - now)
+                    wakeUp(at: deadline)
                 }
                 if let proactive = options.proactiveRefresh, let expiresAt = record.expiresAt {
-                    let due = expiresAt - options.leeway.milliseconds - proactive.milliseconds
+                    // Not before a shared backoff or this process's own retry delay has passed.
+                    let due = max(expiresAt - options.leeway.milliseconds - proactive.milliseconds,
+                                  record.backoffUntil ?? .min, retryAfter ?? .min)
                     if due <= now {
                         do {
                             _ = try await accessToken(within: options.leeway + proactive)
+                            failures = 0
+                            retryAfter = nil
                         } catch {
                             broadcast(.problem(error))
-                            sleep = min(sleep, 1000)
+                            // Whatever failed, the next attempt waits: 1 s, doubling up to 5 minutes.
+                            failures += 1
+                            retryAfter = Date().millisecondsSince1970 + min(Int64(1000) << Int64(min(failures - 1, 9)), Self.maximumRunSleep.milliseconds)
                         }
                         continue
                     }
-                    sleep = min(sleep, due - now)
+                    wakeUp(at: due)
                 }
             }
-            let timer = Task { [sleep] in
-                try? await Task.sleep(for: .milliseconds(max(sleep, 10)))
-                wake.yield()
+            var timer: Task<Void, Never>?
+            if let wakeAt {
+                let delay = min(max(wakeAt - Date().millisecondsSince1970, 1), Self.maximumRunSleep.milliseconds)
+                timer = Task {
+                    // A cancelled timer must not wake the loop: only a sleep that ran out does.
+                    do { try await Task.sleep(for: .milliseconds(delay)) } catch { return }
+                    wake.yield()
+                }
             }
-            _ = await iterator.next()
-            timer.cancel()
+            // The stream ends only when this task is cancelled.
+            let woken = await iterator.next() != nil
+            timer?.cancel()
+            if !woken { break }
         }
     }
+
+    /// The longest ``run()`` sleeps while a deadline lies ahead.
+    static let maximumRunSleep: Duration = .seconds(300)
 
     // MARK: Events
 
