@@ -39,11 +39,14 @@ let package = Package(
             ],
             swiftSettings: strictSettings
         ),
+        // The machine's one wall clock, read past any LD_PRELOAD view of time (TabSyncAuth).
+        .target(name: "CKernelClock"),
         // The shared sign-in session on top of the broker.
         .target(
             name: "TabSyncAuth",
             dependencies: [
                 "TabSync",
+                "CKernelClock",
                 .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: strictSettings

@@ -6,14 +6,24 @@ public struct AuthError: Error, Sendable, Hashable, CustomStringConvertible {
         let name: String
         /// No session: nobody signed in, or the session ended (see ``AuthError/reason``).
         public static let signedOut = Code(name: "signedOut")
-        /// The authorization server refused the refresh token (`invalid_grant`): the session ended everywhere.
+        /// The refresh token is finished: the authorization server refused it (any answer that is
+        /// not a success and not transient, whatever its body), or its refresh went unanswered.
+        /// The session ended everywhere and that token is never presented again.
         public static let refreshFailed = Code(name: "refreshFailed")
         /// The server refused the credentials of a password grant (`invalid_grant`).
         public static let invalidCredentials = Code(name: "invalidCredentials")
         /// The server refused the client (`invalid_client`, `unauthorized_client`).
         public static let invalidClient = Code(name: "invalidClient")
-        /// A transient failure: no connection, timeout, 5xx, or a shared backoff still running.
+        /// A transient failure: the request certainly never reached the server (connection refused,
+        /// no such host), or the server answered 408, 429 or 5xx, or a shared backoff still runs.
         public static let network = Code(name: "network")
+        /// The request was sent but its answer never came (timeout, connection lost): the server
+        /// may have acted on it. On a refresh, the session ends (``refreshFailed``) unless
+        /// ``AuthSession/Options/reuseGracePeriod`` allows one more try.
+        public static let unanswered = Code(name: "unanswered")
+        /// The shared session record is unreadable or holds numbers out of range. It is treated as
+        /// signed out; signing in again replaces it.
+        public static let invalidRecord = Code(name: "invalidRecord")
         /// Any other OAuth error response from the server (RFC 6749 §5.2).
         public static let server = Code(name: "server")
         /// The server's answer was not a valid token response.
@@ -33,13 +43,19 @@ public struct AuthError: Error, Sendable, Hashable, CustomStringConvertible {
     public var reason: SignOutReason?
     /// The storage error under a ``Code/storage`` error.
     public var storage: TabSyncError?
+    /// The HTTP status of the server's answer, when there was one.
+    public var httpStatus: Int?
 
-    public init(code: Code, message: String, oauthError: String? = nil, reason: SignOutReason? = nil, storage: TabSyncError? = nil) {
+    public init(
+        code: Code, message: String, oauthError: String? = nil, reason: SignOutReason? = nil, storage: TabSyncError? = nil,
+        httpStatus: Int? = nil
+    ) {
         self.code = code
         self.message = message
         self.oauthError = oauthError
         self.reason = reason
         self.storage = storage
+        self.httpStatus = httpStatus
     }
 
     public var description: String { message }
@@ -53,7 +69,8 @@ public struct AuthError: Error, Sendable, Hashable, CustomStringConvertible {
 public enum SignOutReason: String, Sendable, Hashable, Codable, CaseIterable {
     /// A user signed out in some process.
     case userLogout
-    /// The refresh token was refused (expired, revoked or reused), or a refresher died mid-refresh.
+    /// The refresh token was refused (expired, revoked or reused, or any other final answer), its
+    /// refresh went unanswered, or a refresher died mid-refresh.
     case refreshFailed
     /// No activity in any process for the idle timeout.
     case idleTimeout

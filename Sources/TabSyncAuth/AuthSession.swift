@@ -79,9 +79,20 @@ public final class AuthSession: Sendable {
         public var policy = SessionPolicy()
         /// When set, ``run()`` refreshes this long before the leeway, so callers rarely wait.
         public var proactiveRefresh: Duration?
+        /// For servers that accept a rotated refresh token once more for a while after rotation
+        /// (django-oauth-toolkit's `REFRESH_TOKEN_GRACE_PERIOD_SECONDS`, Auth0's reuse interval):
+        /// a refresh whose answer never came (timeout, lost connection) is tried once more if the
+        /// first try began less than this long ago. Without it (the default) such a refresh token
+        /// is never presented again: the session ends with `refreshFailed`.
+        public var reuseGracePeriod: Duration?
+        /// The clock for deadlines, activity, backoff and token expiry (``SessionClock/system``).
+        public var clock: SessionClock = .system
         public var logger = Logger(label: "TabSyncAuth", factory: { _ in SwiftLogNoOpLogHandler() })
         public init() {}
     }
+
+    /// The longest shared backoff after transient refresh failures, in milliseconds.
+    static let maximumBackoff: Int64 = 30_000
 
     public let storage: SharedStorage
     public let client: OAuthClient?
@@ -89,6 +100,7 @@ public final class AuthSession: Sendable {
     private let inFlight = Mutex<(generation: Int, task: Task<Result<AccessToken, AuthError>, Never>)?>(nil)
     private let notices = Mutex<[UInt64: AsyncStream<SessionEvent>.Continuation]>([:])
     private let noticeIDs = Atomic<UInt64>(0)
+    private let clockGuard = ClockGuard()
     /// How often ``run()``'s loop has looked at the session, for tests of its idleness.
     let runTurns = Atomic<Int>(0)
 
@@ -109,6 +121,20 @@ public final class AuthSession: Sendable {
     }
 
     var origin: String { storage.origin }
+
+    /// Now by the session's clock, in milliseconds since 1970.
+    var now: Int64 { options.clock.milliseconds }
+
+    /// The record as this process may act on it (``ClockGuard``).
+    func trusted(_ record: SessionRecord, now: Int64) -> SessionRecord { clockGuard.trusted(record, now: now) }
+
+    /// The leeway in milliseconds, within 0 ... ten years.
+    var leeway: Int64 { Self.bounded(options.leeway) ?? 0 }
+
+    /// A duration given by the application, in milliseconds within 0 ... ``SessionLimits/maximumDuration``.
+    static func bounded(_ duration: Duration?) -> Int64? {
+        duration.map { min(max($0, .zero), SessionLimits.maximumDuration).milliseconds }
+    }
 
     // MARK: Reading
 
@@ -153,8 +179,8 @@ public final class AuthSession: Sendable {
     /// The state of the session now.
     public func status() throws(AuthError) -> SessionStatus {
         let (record, sequence) = try record()
-        let now = Date().millisecondsSince1970
-        let valid = record.state == .signedIn && (record.expiresAt ?? 0) - options.leeway.milliseconds > now
+        let now = now
+        let valid = record.state == .signedIn && (record.expiresAt ?? 0) - leeway > now
         return SessionStatus(
             isSignedIn: record.state == .signedIn, expiresAt: record.expiresAt.map(Date.init(milliseconds:)),
             reason: record.state == .signedOut ? record.reason : nil, sequence: sequence, hasValidToken: valid)
@@ -176,11 +202,12 @@ public final class AuthSession: Sendable {
 
     private func install(_ response: TokenResponse, kind: SessionRecord.EventKind) throws(AuthError) {
         let policy = options.policy
-        try change { record in
-            record.install(response, now: Date(), origin: origin, kind: kind)
-            record.idleTimeout = policy.idleTimeout?.milliseconds
-            record.absoluteTimeout = policy.absoluteTimeout?.milliseconds
-            record.warningLead = policy.warningLead?.milliseconds
+        let now = now
+        try change { record throws(AuthError) in
+            try record.install(response, now: now, origin: origin, kind: kind)
+            record.idleTimeout = Self.bounded(policy.idleTimeout)
+            record.absoluteTimeout = Self.bounded(policy.absoluteTimeout)
+            record.warningLead = Self.bounded(policy.warningLead)
         }
         options.logger.info("Signed in", metadata: ["origin": "\(origin)"])
     }
@@ -205,14 +232,16 @@ public final class AuthSession: Sendable {
     /// Counts as user activity for the idle timeout, in every process. Writes are throttled:
     /// at most one every tenth of the idle timeout (between 1 and 30 seconds).
     public func recordActivity() throws(AuthError) {
+        let now = now
         let (current, _) = try record()
-        guard current.state == .signedIn, let idle = current.idleTimeout else { return }
+        let trusted = trusted(current, now: now)
+        guard trusted.state == .signedIn, let idle = trusted.idleTimeout else { return }
         let throttle = min(max(idle / 10, 1000), 30000)
-        let now = Date().millisecondsSince1970
-        guard now - (current.lastActivity ?? 0) >= throttle else { return }
+        guard now - (trusted.lastActivity ?? 0) >= throttle else { return }
         try change { record in
             guard record.state == .signedIn else { return }
-            record.lastActivity = max(record.lastActivity ?? 0, now)
+            // A last activity that a wrong clock put in the future is replaced, not kept.
+            record.lastActivity = max(self.trusted(record, now: now).lastActivity ?? 0, now)
         }
     }
 
@@ -228,14 +257,14 @@ public final class AuthSession: Sendable {
     }
 
     func accessToken(within margin: Duration) async throws(AuthError) -> AccessToken {
+        let margin = Self.bounded(margin) ?? 0
         while true {
             let (record, _) = try record()
             try await enforcePolicy(record)
             guard record.state == .signedIn, let token = record.accessToken else {
                 throw AuthError(code: .signedOut, message: "There is no session\(record.reason.map { " (ended: \($0.rawValue))" } ?? "")", reason: record.reason)
             }
-            let now = Date().millisecondsSince1970
-            if let expiresAt = record.expiresAt, expiresAt - margin.milliseconds > now {
+            if let expiresAt = record.expiresAt, expiresAt - margin > now {
                 return AccessToken(value: token, expiresAt: Date(milliseconds: expiresAt), refreshedHere: false)
             }
             if record.expiresAt == nil {
@@ -249,7 +278,7 @@ public final class AuthSession: Sendable {
     /// Returns nil when another process refreshed (the caller reads the new record).
     /// `margin`: the token is refreshed when it expires within this long (the leeway, or more
     /// for a proactive refresh).
-    private func refresh(generation: Int, margin: Duration) async throws(AuthError) -> AccessToken? {
+    private func refresh(generation: Int, margin: Int64) async throws(AuthError) -> AccessToken? {
         let task = inFlight.withLock { current in
             if let current, current.generation == generation { return current.task }
             let task = Task { await self.electAndRefresh(generation: generation, margin: margin) }
@@ -267,7 +296,7 @@ public final class AuthSession: Sendable {
     }
 
     /// Takes the refresh lock, or waits for whoever has it to publish an outcome.
-    private func electAndRefresh(generation: Int, margin: Duration) async -> Result<AccessToken, AuthError> {
+    private func electAndRefresh(generation: Int, margin: Int64) async -> Result<AccessToken, AuthError> {
         let lock: any SessionLock
         do { lock = try storage.lock(named: "refresh") } catch { return .failure(.storage(error)) }
         // Subscribe before looking, so that an outcome published meanwhile is not missed.
@@ -313,17 +342,17 @@ public final class AuthSession: Sendable {
         }
     }
 
-    private func refreshHoldingLock(generation: Int, margin: Duration) async throws(AuthError) -> AccessToken {
+    private func refreshHoldingLock(generation: Int, margin: Int64) async throws(AuthError) -> AccessToken {
         let client = try requireClient()
-        let now = Date()
+        let now = now
         enum Plan { case done, refresh(String), interrupted(SessionRecord.Refreshing), backoff(Int64) }
         let plan: Plan = try change { record in
             guard record.state == .signedIn, record.generation == generation else { return .done }
-            if let expiresAt = record.expiresAt, expiresAt - margin.milliseconds > now.millisecondsSince1970 { return .done }
+            if let expiresAt = record.expiresAt, expiresAt - margin > now { return .done }
             if let refreshing = record.refreshing { return .interrupted(refreshing) }
-            if let until = record.backoffUntil, until > now.millisecondsSince1970 { return .backoff(until) }
+            if let until = trusted(record, now: now).backoffUntil, until > now { return .backoff(until) }
             guard let token = record.refreshToken else { return .done }
-            record.refreshing = .init(generation: generation, pid: getpid(), origin: origin, startedAt: now.millisecondsSince1970)
+            record.refreshing = .init(generation: generation, pid: getpid(), origin: origin, startedAt: now)
             return .refresh(token)
         }
         switch plan {
@@ -341,22 +370,26 @@ public final class AuthSession: Sendable {
                 message: "A refresh by \(refreshing.origin) (pid \(refreshing.pid)) was interrupted; its refresh token may have been rotated already and is not presented again, so the session ended",
                 reason: .refreshFailed)
         case let .refresh(refreshToken):
-            do throws(AuthError) {
-                let response = try await client.refresh(refreshToken: refreshToken)
-                let installed: Int64?? = try change { record in
-                    guard record.state == .signedIn, record.generation == generation else { return nil }
-                    record.install(response, now: Date(), origin: origin, kind: .refreshed)
-                    return .some(record.expiresAt)
+            let outcome = await present(refreshToken, with: client)
+            switch outcome {
+            case let .success(response):
+                return try installRefreshed(response, generation: generation, client: client)
+            case let .failure(error) where error.code == .network:
+                // Certainly not acted on (not sent, or 408 / 429 / 5xx): the token stays, everyone backs off.
+                try change { record in
+                    guard record.generation == generation else { return }
+                    record.refreshing = nil
+                    record.failures = min(record.failures + 1, 1000)
+                    let delay = min(Int64(1000) << Int64(min(record.failures - 1, 5)), Self.maximumBackoff)
+                    record.backoffUntil = self.now + delay
                 }
-                guard let installed else {
-                    // Signed out meanwhile: the new refresh token must not outlive the session.
-                    if let newRefresh = response.refreshToken { try? await client.revoke(token: newRefresh) }
-                    throw AuthError(code: .signedOut, message: "The session ended during the refresh", reason: nil)
-                }
-                let expiresAt = installed.map(Date.init(milliseconds:)) ?? .distantFuture
-                options.logger.info("Refreshed the access token", metadata: ["origin": "\(origin)"])
-                return AccessToken(value: response.accessToken, expiresAt: expiresAt, refreshedHere: true)
-            } catch where error.code == .refreshFailed {
+                throw error
+            case let .failure(error) where error.code == .storage:
+                // The marker `refreshing` stays: whoever comes next ends the session rather than
+                // present a refresh token that the server may have rotated.
+                throw error
+            case let .failure(error):
+                // Refused, unanswered, or an answer that is not a token response: final for this token.
                 let ended: Bool = try change { record in
                     guard record.state == .signedIn, record.generation == generation else { return false }
                     record.signOut(reason: .refreshFailed, origin: origin)
@@ -365,23 +398,55 @@ public final class AuthSession: Sendable {
                 // Refused because the session ended (or began anew) meanwhile, for example a
                 // sign-out elsewhere revoked this refresh token: not a failure of the session.
                 guard ended else { throw AuthError(code: .signedOut, message: "The session ended during the refresh", reason: nil) }
-                throw error
-            } catch where error.code == .network {
-                try change { record in
-                    guard record.generation == generation else { return }
-                    record.refreshing = nil
-                    record.failures += 1
-                    let delay = min(Int64(1000) << Int64(min(record.failures - 1, 5)), 30000)
-                    record.backoffUntil = Date().millisecondsSince1970 + delay
-                }
-                throw error
-            } catch {
-                try? change { record in
-                    if record.generation == generation { record.refreshing = nil }
-                }
-                throw error
+                let why = error.code == .unanswered
+                    ? "\(error.message). The refresh token may have been rotated, so it is not presented again and the session ended"
+                    : error.code == .refreshFailed ? error.message : "\(error.message); the refresh token is not presented again and the session ended"
+                options.logger.warning("A refresh failed for good; signing out", metadata: ["code": "\(error.code)", "status": "\(error.httpStatus.map(String.init) ?? "none")"])
+                throw AuthError(code: .refreshFailed, message: why, oauthError: error.oauthError, reason: .refreshFailed, httpStatus: error.httpStatus)
             }
         }
+    }
+
+    /// Presents `refreshToken` at the token endpoint: once, or, when the answer never came and
+    /// ``Options/reuseGracePeriod`` is set, once more if the first try began within it.
+    private func present(_ refreshToken: String, with client: OAuthClient) async -> Result<TokenResponse, AuthError> {
+        let started = ContinuousClock.now
+        var outcome: Result<TokenResponse, AuthError>
+        do { outcome = .success(try await client.refresh(refreshToken: refreshToken)) } catch { outcome = .failure(error) }
+        if case let .failure(error) = outcome, error.code == .unanswered,
+           let grace = options.reuseGracePeriod, ContinuousClock.now - started < grace {
+            options.logger.warning("A refresh got no answer; trying once more within the server's reuse grace period")
+            do { outcome = .success(try await client.refresh(refreshToken: refreshToken)) } catch { outcome = .failure(error) }
+        }
+        return outcome
+    }
+
+    private func installRefreshed(_ response: TokenResponse, generation: Int, client: OAuthClient) throws(AuthError) -> AccessToken {
+        let now = now
+        var outOfRange: AuthError?
+        let installed: Int64?? = try change { record in
+            guard record.state == .signedIn, record.generation == generation else { return nil }
+            do throws(AuthError) {
+                try record.install(response, now: now, origin: origin, kind: .refreshed)
+            } catch {
+                // The server rotated the token but its answer does not fit: the session ends.
+                outOfRange = error
+                record.signOut(reason: .refreshFailed, origin: origin)
+                return nil
+            }
+            return .some(record.expiresAt)
+        }
+        if let outOfRange {
+            throw AuthError(code: .refreshFailed, message: "\(outOfRange.message); the session ended", reason: .refreshFailed)
+        }
+        guard let installed else {
+            // Signed out meanwhile: the new refresh token must not outlive the session.
+            if let newRefresh = response.refreshToken { Task { try? await client.revoke(token: newRefresh) } }
+            throw AuthError(code: .signedOut, message: "The session ended during the refresh", reason: nil)
+        }
+        let expiresAt = installed.map(Date.init(milliseconds:)) ?? .distantFuture
+        options.logger.info("Refreshed the access token", metadata: ["origin": "\(origin)"])
+        return AccessToken(value: response.accessToken, expiresAt: expiresAt, refreshedHere: true)
     }
 
     private func requireClient() throws(AuthError) -> OAuthClient {
@@ -394,23 +459,31 @@ public final class AuthSession: Sendable {
     // MARK: Policy
 
     /// The earliest forced sign-out of a signed-in record.
+    /// Pass a record that ``trusted(_:now:)`` has seen, so that no time of a wrong clock counts.
+    /// Saturating: no stored number can make it overflow.
     static func deadline(of record: SessionRecord) -> (at: Int64, reason: SignOutReason)? {
         guard record.state == .signedIn else { return nil }
+        func sum(_ a: Int64, _ b: Int64) -> Int64 {
+            let (total, overflow) = a.addingReportingOverflow(b)
+            return overflow ? (b < 0 ? .min : .max) : total
+        }
         var deadlines: [(Int64, SignOutReason)] = []
-        if let idle = record.idleTimeout { deadlines.append(((record.lastActivity ?? record.startedAt ?? 0) + idle, .idleTimeout)) }
-        if let absolute = record.absoluteTimeout { deadlines.append(((record.startedAt ?? 0) + absolute, .absoluteTimeout)) }
+        if let idle = record.idleTimeout { deadlines.append((sum(record.lastActivity ?? record.startedAt ?? 0, idle), .idleTimeout)) }
+        if let absolute = record.absoluteTimeout { deadlines.append((sum(record.startedAt ?? 0, absolute), .absoluteTimeout)) }
         return deadlines.min { $0.0 < $1.0 }
     }
 
     private func enforcePolicy(_ record: SessionRecord) async throws(AuthError) {
-        guard let (deadline, reason) = Self.deadline(of: record), deadline <= Date().millisecondsSince1970 else { return }
+        let now = now
+        guard let (deadline, reason) = Self.deadline(of: trusted(record, now: now)), deadline <= now else { return }
         try await expire(startedAt: record.startedAt, reason: reason)
     }
 
     private func expire(startedAt: Int64?, reason: SignOutReason) async throws(AuthError) {
+        let now = now
         let refreshToken: String? = try change { record in
             guard record.state == .signedIn, record.startedAt == startedAt,
-                  let (deadline, _) = Self.deadline(of: record), deadline <= Date().millisecondsSince1970
+                  let (deadline, _) = Self.deadline(of: trusted(record, now: now)), deadline <= now
             else { return nil }
             let token = record.refreshToken
             record.signOut(reason: reason, origin: origin)
@@ -444,13 +517,14 @@ public final class AuthSession: Sendable {
             runTurns.add(1, ordering: .relaxed)
             var wakeAt: Int64?
             func wakeUp(at time: Int64) { wakeAt = min(wakeAt ?? time, time) }
-            if let (record, _) = try? record(), record.state == .signedIn {
-                let now = Date().millisecondsSince1970
+            let now = now
+            if let (stored, _) = try? record(), stored.state == .signedIn {
+                let record = trusted(stored, now: now)
                 if let (deadline, reason) = Self.deadline(of: record) {
                     if deadline <= now {
                         // The notice always comes first, even when this process woke up late.
                         if warned.insert(deadline).inserted { broadcast(.expiring(in: .zero, reason: reason)) }
-                        try? await expire(startedAt: record.startedAt, reason: reason)
+                        try? await expire(startedAt: stored.startedAt, reason: reason)
                         continue
                     }
                     let span = reason == .idleTimeout ? record.idleTimeout ?? 0 : record.absoluteTimeout ?? 0
@@ -466,18 +540,17 @@ public final class AuthSession: Sendable {
                 }
                 if let proactive = options.proactiveRefresh, let expiresAt = record.expiresAt {
                     // Not before a shared backoff or this process's own retry delay has passed.
-                    let due = max(expiresAt - options.leeway.milliseconds - proactive.milliseconds,
-                                  record.backoffUntil ?? .min, retryAfter ?? .min)
+                    let due = max(expiresAt - leeway - (Self.bounded(proactive) ?? 0), record.backoffUntil ?? .min, retryAfter ?? .min)
                     if due <= now {
                         do {
-                            _ = try await accessToken(within: options.leeway + proactive)
+                            _ = try await accessToken(within: .milliseconds(leeway + (Self.bounded(proactive) ?? 0)))
                             failures = 0
                             retryAfter = nil
                         } catch {
                             broadcast(.problem(error))
                             // Whatever failed, the next attempt waits: 1 s, doubling up to 5 minutes.
                             failures += 1
-                            retryAfter = Date().millisecondsSince1970 + min(Int64(1000) << Int64(min(failures - 1, 9)), Self.maximumRunSleep.milliseconds)
+                            retryAfter = self.now + min(Int64(1000) << Int64(min(failures - 1, 9)), Self.maximumRunSleep.milliseconds)
                         }
                         continue
                     }
@@ -486,7 +559,7 @@ public final class AuthSession: Sendable {
             }
             var timer: Task<Void, Never>?
             if let wakeAt {
-                let delay = min(max(wakeAt - Date().millisecondsSince1970, 1), Self.maximumRunSleep.milliseconds)
+                let delay = min(max(wakeAt - self.now, 1), Self.maximumRunSleep.milliseconds)
                 timer = Task {
                     // A cancelled timer must not wake the loop: only a sleep that ran out does.
                     do { try await Task.sleep(for: .milliseconds(delay)) } catch { return }
@@ -537,7 +610,12 @@ public final class AuthSession: Sendable {
     }
 
     static func sessionEvent(from event: StorageEvent) -> SessionEvent? {
-        guard event.key == SessionRecord.key, let record = SessionRecord.decode(event.newValue) else { return nil }
+        guard event.key == SessionRecord.key, let text = event.newValue else { return nil }
+        let record: SessionRecord
+        switch SessionRecord.decodeChecked(text) {
+        case let .success(decoded): record = decoded
+        case let .failure(error): return .problem(error)
+        }
         let old = SessionRecord.decode(event.oldValue)
         guard record.eventSerial != old?.eventSerial, let kind = record.event else { return nil }
         let origin = record.eventOrigin ?? event.origin
@@ -550,8 +628,12 @@ public final class AuthSession: Sendable {
 }
 
 extension Duration {
+    /// Whole milliseconds, saturating at about ±292 million years instead of trapping.
     var milliseconds: Int64 {
         let (seconds, attoseconds) = components
+        let limit = Int64.max / 1000 - 1
+        if seconds > limit { return .max }
+        if seconds < -limit { return .min }
         return seconds * 1000 + attoseconds / 1_000_000_000_000_000
     }
 }

@@ -56,19 +56,6 @@ public struct OAuthConfiguration: Sendable {
     }
 }
 
-/// A successful token response (RFC 6749 §5.1). Its description never shows the tokens.
-public struct TokenResponse: Sendable, Hashable, CustomStringConvertible {
-    public var accessToken: String
-    public var tokenType: String
-    public var refreshToken: String?
-    public var expiresIn: Int?
-    public var scope: String?
-
-    public var description: String {
-        "TokenResponse(tokenType: \(tokenType), expiresIn: \(expiresIn.map(String.init) ?? "nil"), refreshToken: \(refreshToken == nil ? "none" : "<redacted>"), accessToken: <redacted>)"
-    }
-}
-
 /// One HTTP exchange, for ``HTTPTransport``.
 public struct HTTPExchange: Sendable {
     public var url: URL
@@ -81,7 +68,16 @@ public struct HTTPExchange: Sendable {
 /// Sends HTTP requests. ``URLSessionTransport`` is the real one; tests may inject another.
 public protocol HTTPTransport: Sendable {
     /// Returns the status code and body, or throws for a transport failure (no connection, timeout).
+    /// Throw ``HTTPRequestNotSent`` (or a `URLError` that says so, such as `cannotConnectToHost`)
+    /// only when the request certainly never reached the server: any other failure counts as
+    /// "sent, answer unknown" (``AuthError/Code/unanswered``).
     func send(_ request: HTTPExchange) async throws -> (status: Int, body: Data)
+}
+
+/// A transport failure that certainly happened before the request reached the server.
+public struct HTTPRequestNotSent: Error, Sendable {
+    public var reason: String
+    public init(reason: String) { self.reason = reason }
 }
 
 /// HTTP through URLSession (FoundationNetworking, libcurl underneath).
@@ -133,22 +129,16 @@ public struct OAuthClient: Sendable {
     public func revoke(token: String, hint: String = "refresh_token") async throws(AuthError) {
         guard let endpoint = configuration.revocationEndpoint else { return }
         let (status, body) = try await post(endpoint, ["token": token, "token_type_hint": hint])
-        guard status == 200 else { throw Self.error(status: status, body: body, grant: "revocation") }
+        guard status == 200 else { throw TokenEndpointError.error(status: status, body: body, grant: "revocation") }
     }
 
     private func tokenRequest(_ form: [String: String], grant: String) async throws(AuthError) -> TokenResponse {
         let (status, body) = try await post(configuration.tokenEndpoint, form)
-        guard status == 200 else { throw Self.error(status: status, body: body, grant: grant) }
-        guard let object = try? JSONSerialization.jsonObject(with: body) as? [String: Any],
-              let accessToken = object["access_token"] as? String, !accessToken.isEmpty,
-              let tokenType = object["token_type"] as? String
-        else {
-            throw AuthError(code: .invalidResponse, message: "The token endpoint's answer is not a valid token response")
-        }
-        let expiresIn = (object["expires_in"] as? NSNumber)?.intValue ?? (object["expires_in"] as? String).flatMap { Int($0) }
-        return TokenResponse(
-            accessToken: accessToken, tokenType: tokenType, refreshToken: object["refresh_token"] as? String,
-            expiresIn: expiresIn, scope: object["scope"] as? String)
+        guard status == 200 else { throw TokenEndpointError.error(status: status, body: body, grant: grant) }
+        let response = try TokenResponse.parse(body)
+        // The JWT's exp, when there is one, must be in range too (SessionRecord.expiry reads it).
+        _ = try JWTExpiry.expiry(of: response.accessToken)
+        return response
     }
 
     private func post(_ url: URL, _ form: [String: String]) async throws(AuthError) -> (Int, Data) {
@@ -167,58 +157,30 @@ public struct OAuthClient: Sendable {
         do {
             let (status, data) = try await transport.send(exchange)
             return (status, data)
+        } catch let error as HTTPRequestNotSent {
+            throw AuthError(code: .network, message: "The request to \(url.absoluteString) was not sent: \(error.reason)")
+        } catch let error as URLError where Self.certainlyNotSent(error.code) {
+            throw AuthError(code: .network, message: "The request to \(url.absoluteString) was not sent: \(error.localizedDescription)")
         } catch is CancellationError {
-            throw AuthError(code: .network, message: "The request to \(url.absoluteString) was cancelled")
+            throw AuthError(code: .unanswered, message: "The request to \(url.absoluteString) was cancelled before its answer came; the server may have acted on it")
         } catch {
-            throw AuthError(code: .network, message: "The request to \(url.absoluteString) failed: \(error.localizedDescription)")
+            throw AuthError(
+                code: .unanswered,
+                message: "The request to \(url.absoluteString) got no answer (\(error.localizedDescription)); the server may have acted on it")
         }
+    }
+
+    /// URL loading failures that happen before any byte of the request reaches the server.
+    static func certainlyNotSent(_ code: URLError.Code) -> Bool {
+        [.cannotConnectToHost, .cannotFindHost, .dnsLookupFailed, .notConnectedToInternet, .badURL, .unsupportedURL,
+         .secureConnectionFailed, .serverCertificateUntrusted, .serverCertificateHasBadDate, .serverCertificateNotYetValid,
+         .serverCertificateHasUnknownRoot, .clientCertificateRejected, .clientCertificateRequired, .internationalRoamingOff,
+         .dataNotAllowed, .callIsActive].contains(code)
     }
 
     static func formEncode(_ text: String) -> String {
         var allowed = CharacterSet.alphanumerics
         allowed.insert(charactersIn: "-._~")
         return text.addingPercentEncoding(withAllowedCharacters: allowed) ?? text
-    }
-
-    /// Maps an error response (RFC 6749 §5.2) to an ``AuthError``.
-    static func error(status: Int, body: Data, grant: String) -> AuthError {
-        let object = (try? JSONSerialization.jsonObject(with: body)) as? [String: Any]
-        let code = object?["error"] as? String
-        let description = (object?["error_description"] as? String).map { ": \($0)" } ?? ""
-        if status >= 500 || status == 429 || status == 408 {
-            return AuthError(code: .network, message: "The authorization server answered \(status) to the \(grant) request\(description)", oauthError: code)
-        }
-        switch code {
-        case "invalid_grant":
-            return AuthError(
-                code: grant == "refresh_token" ? .refreshFailed : .invalidCredentials,
-                message: "The authorization server refused the \(grant == "refresh_token" ? "refresh token" : "credentials") (invalid_grant\(description))",
-                oauthError: code, reason: grant == "refresh_token" ? .refreshFailed : nil)
-        case "invalid_client", "unauthorized_client":
-            return AuthError(code: .invalidClient, message: "The authorization server refused the client (\(code!)\(description))", oauthError: code)
-        case let code?:
-            return AuthError(code: .server, message: "The authorization server answered \(status) \(code)\(description)", oauthError: code)
-        case nil:
-            if status == 401 {
-                return AuthError(code: .invalidClient, message: "The authorization server answered 401 with no error body (client authentication failed?)")
-            }
-            return AuthError(code: .server, message: "The authorization server answered \(status) with no OAuth error body")
-        }
-    }
-}
-
-/// Reads the `exp` claim of a JWT without checking its signature (the client only needs to
-/// know when to refresh; the resource server checks the token).
-enum JWTExpiry {
-    static func expiry(of token: String) -> Date? {
-        let parts = token.split(separator: ".", omittingEmptySubsequences: false)
-        guard parts.count == 3 else { return nil }
-        var base64 = parts[1].replacingOccurrences(of: "-", with: "+").replacingOccurrences(of: "_", with: "/")
-        base64 += String(repeating: "=", count: (4 - base64.count % 4) % 4)
-        guard let data = Data(base64Encoded: base64),
-              let claims = (try? JSONSerialization.jsonObject(with: data)) as? [String: Any],
-              let exp = (claims["exp"] as? NSNumber)?.doubleValue
-        else { return nil }
-        return Date(timeIntervalSince1970: exp)
     }
 }

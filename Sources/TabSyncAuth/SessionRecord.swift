@@ -44,12 +44,46 @@ struct SessionRecord: Codable, Sendable, Equatable {
     /// every change to the session, and between changes it is the same text.
     private static let lastDecoded = Mutex<(text: String, record: SessionRecord)?>(nil)
 
+    /// The record stored as `text`, or nil when there is none or it is invalid (see ``check(_:)``):
+    /// an invalid record counts as signed out, and signing in replaces it.
     static func decode(_ text: String?) -> SessionRecord? {
         guard let text else { return nil }
-        if let last = lastDecoded.withLock({ $0 }), last.text.utf8.elementsEqual(text.utf8) { return last.record }
-        guard let record = try? JSONDecoder().decode(SessionRecord.self, from: Data(text.utf8)) else { return nil }
+        if case let .success(record) = decodeChecked(text) { return record }
+        return nil
+    }
+
+    /// The record stored as `text`, or why it cannot be used.
+    static func decodeChecked(_ text: String) -> Result<SessionRecord, AuthError> {
+        if let last = lastDecoded.withLock({ $0 }), last.text.utf8.elementsEqual(text.utf8) { return .success(last.record) }
+        guard text.utf8.count <= 1 << 20, let record = try? JSONDecoder().decode(SessionRecord.self, from: Data(text.utf8)) else {
+            return .failure(AuthError(code: .invalidRecord, message: "The shared session record is not readable; the session counts as signed out until someone signs in"))
+        }
+        if let problem = record.problem {
+            return .failure(AuthError(code: .invalidRecord, message: "The shared session record is refused (\(problem)); the session counts as signed out until someone signs in"))
+        }
         lastDecoded.withLock { $0 = (text, record) }
-        return record
+        return .success(record)
+    }
+
+    /// What is out of range in the record, if anything: every time within 1970 ... 9999, every
+    /// duration within 0 ... ten years, counters within 0 ... 2^53.
+    var problem: String? {
+        let times: [(String, Int64?)] = [
+            ("expiresAt", expiresAt), ("startedAt", startedAt), ("lastActivity", lastActivity),
+            ("backoffUntil", backoffUntil), ("refreshing.startedAt", refreshing?.startedAt),
+        ]
+        for (name, value) in times {
+            if let value, !(0...SessionLimits.maximumTime).contains(value) { return "\(name) \(value) is not a time between 1970 and 9999" }
+        }
+        let durations: [(String, Int64?)] = [("idleTimeout", idleTimeout), ("absoluteTimeout", absoluteTimeout), ("warningLead", warningLead)]
+        for (name, value) in durations {
+            if let value, !(0...SessionLimits.maximumDurationMilliseconds).contains(value) { return "\(name) \(value) ms is not between 0 and 10 years" }
+        }
+        let counters: [(String, Int?)] = [("generation", generation), ("failures", failures), ("eventSerial", eventSerial), ("refreshing.generation", refreshing?.generation)]
+        for (name, value) in counters {
+            if let value, !(0...(1 << 53)).contains(value) { return "\(name) \(value) is out of range" }
+        }
+        return nil
     }
 
     func encoded() -> String {
@@ -61,7 +95,7 @@ struct SessionRecord: Codable, Sendable, Equatable {
     mutating func announce(_ kind: EventKind, origin: String) {
         event = kind
         eventOrigin = origin
-        eventSerial += 1
+        eventSerial = eventSerial >= 1 << 53 ? 1 : eventSerial + 1
     }
 
     mutating func signOut(reason: SignOutReason, origin: String) {
@@ -76,27 +110,35 @@ struct SessionRecord: Codable, Sendable, Equatable {
         announce(.signedOut, origin: origin)
     }
 
-    mutating func install(_ response: TokenResponse, now: Date, origin: String, kind: EventKind) {
+    /// Installs a token response received at `now` (milliseconds since 1970). Throws for a
+    /// response whose numbers are out of range; the record is then unchanged.
+    mutating func install(_ response: TokenResponse, now: Int64, origin: String, kind: EventKind) throws(AuthError) {
+        let expiry = try Self.expiry(of: response, receivedAt: now)
         state = .signedIn
         accessToken = response.accessToken
         if let refresh = response.refreshToken { refreshToken = refresh }
-        expiresAt = Self.expiry(of: response, receivedAt: now)
-        generation += 1
+        expiresAt = expiry
+        generation = generation >= 1 << 53 ? 1 : generation + 1
         reason = nil
         refreshing = nil
         failures = 0
         backoffUntil = nil
         if kind == .signedIn {
-            startedAt = now.millisecondsSince1970
-            lastActivity = now.millisecondsSince1970
+            startedAt = now
+            lastActivity = now
         }
         announce(kind, origin: origin)
     }
 
-    /// `expires_in` counted from receipt, or the JWT's `exp`, whichever comes first.
-    static func expiry(of response: TokenResponse, receivedAt now: Date) -> Int64? {
-        let fromExpiresIn = response.expiresIn.map { now.addingTimeInterval(Double($0)).millisecondsSince1970 }
-        let fromJWT = JWTExpiry.expiry(of: response.accessToken)?.millisecondsSince1970
+    /// `expires_in` counted from receipt, or the JWT's `exp`, whichever comes first. Both are
+    /// range-checked: an `expires_in` beyond ten years or an `exp` beyond 9999 is refused.
+    static func expiry(of response: TokenResponse, receivedAt now: Int64) throws(AuthError) -> Int64? {
+        var fromExpiresIn: Int64?
+        if let expiresIn = response.expiresIn {
+            let seconds = try SessionLimits.seconds(Double(expiresIn), of: "expires_in")
+            fromExpiresIn = min(now + Int64(seconds) * 1000, SessionLimits.maximumTime)
+        }
+        let fromJWT = try JWTExpiry.expiry(of: response.accessToken)?.millisecondsSince1970
         switch (fromExpiresIn, fromJWT) {
         case let (a?, b?): return min(a, b)
         case let (a, b): return a ?? b
@@ -105,6 +147,11 @@ struct SessionRecord: Codable, Sendable, Equatable {
 }
 
 extension Date {
-    var millisecondsSince1970: Int64 { Int64((timeIntervalSince1970 * 1000).rounded()) }
+    /// Milliseconds since 1970, clamped to 1970 ... 9999 (a `Date` can hold far more).
+    var millisecondsSince1970: Int64 {
+        let milliseconds = (timeIntervalSince1970 * 1000).rounded()
+        guard milliseconds.isFinite, milliseconds > 0 else { return 0 }
+        return milliseconds >= Double(SessionLimits.maximumTime) ? SessionLimits.maximumTime : Int64(milliseconds)
+    }
     init(milliseconds: Int64) { self.init(timeIntervalSince1970: Double(milliseconds) / 1000) }
 }

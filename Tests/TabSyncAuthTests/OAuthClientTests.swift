@@ -38,20 +38,68 @@ struct OAuthClientTests {
         #expect(form["password"] == "p&ss=word" && form["grant_type"] == "password")
     }
 
+    /// On the refresh grant every answer that is not a success and not transient is final for
+    /// the refresh token (refreshFailed), whatever its body says; README, "Which answers end a
+    /// refresh token".
     @Test(arguments: [
         (FakeTokenServer.Answer.oauthError(status: 400, error: "invalid_grant"), AuthError.Code.refreshFailed),
-        (.oauthError(status: 401, error: "invalid_client"), .invalidClient),
-        (.oauthError(status: 400, error: "invalid_scope"), .server),
-        (.empty(status: 400), .server),
-        (.empty(status: 401), .invalidClient),
+        (.oauthError(status: 401, error: "invalid_client"), .refreshFailed),
+        (.oauthError(status: 400, error: "invalid_scope"), .refreshFailed),
+        (.empty(status: 400), .refreshFailed),
+        (.empty(status: 401), .refreshFailed),
+        (.empty(status: 403), .refreshFailed),
+        (.empty(status: 404), .refreshFailed),
+        (.empty(status: 302), .refreshFailed),
         (.empty(status: 503), .network),
+        (.empty(status: 500), .network),
         (.empty(status: 429), .network),
+        (.empty(status: 408), .network),
         (.unreachable, .network),
+        (.lost, .unanswered),
     ])
-    func errorResponsesMapToTypedErrors(answer: FakeTokenServer.Answer, expected: AuthError.Code) async throws {
+    func refreshAnswersMapToTypedErrors(answer: FakeTokenServer.Answer, expected: AuthError.Code) async throws {
         let server = FakeTokenServer()
         server.answer(answer)
         await #expect { try await server.client().refresh(refreshToken: "r") } throws: { ($0 as? AuthError)?.code == expected }
+    }
+
+    /// On the password grant, an empty-bodied refusal still says what a user can act on.
+    @Test(arguments: [
+        (FakeTokenServer.Answer.oauthError(status: 400, error: "invalid_grant"), AuthError.Code.invalidCredentials),
+        (.oauthError(status: 400, error: "invalid_client"), .invalidClient),
+        (.oauthError(status: 401, error: "unauthorized_client"), .invalidClient),
+        (.empty(status: 400), .invalidCredentials),
+        (.empty(status: 401), .invalidClient),
+        (.empty(status: 403), .invalidCredentials),
+        (.oauthError(status: 400, error: "invalid_scope"), .server),
+        (.empty(status: 502), .network),
+        (.lost, .unanswered),
+    ])
+    func passwordAnswersMapToTypedErrors(answer: FakeTokenServer.Answer, expected: AuthError.Code) async throws {
+        let server = FakeTokenServer()
+        server.answer(answer)
+        await #expect { try await server.client().password(username: "alice", password: "pw") } throws: { error in
+            let error = error as? AuthError
+            return error?.code == expected && error?.httpStatus == answer.status
+        }
+    }
+
+    @Test(arguments: [
+        #"{"access_token":"a","token_type":"Bearer","expires_in":9223372036854775807}"#,
+        #"{"access_token":"a","token_type":"Bearer","expires_in":1e300}"#,
+        #"{"access_token":"a","token_type":"Bearer","expires_in":-1}"#,
+        #"{"access_token":"a","token_type":"Bearer","expires_in":"9999999999999999999999"}"#,
+        #"{"access_token":"a","token_type":"Bearer","expires_in":"NaN"}"#,
+        #"{"access_token":"a","token_type":"Bearer","expires_in":[1]}"#,
+    ])
+    func aTokenResponseWithANumberOutOfRangeIsATypedError(body: String) {
+        #expect(throws: AuthError.self) { try TokenResponse.parse(Data(body.utf8)) }
+        #expect((try? TokenResponse.parse(Data(body.utf8))) == nil)
+    }
+
+    @Test func aTokenResponseWithLowercaseBearerAndAStringExpiresInIsAccepted() throws {
+        let response = try TokenResponse.parse(Data(#"{"access_token":"a","token_type":"bearer","expires_in":"3600"}"#.utf8))
+        #expect(response.expiresIn == 3600 && response.tokenType == "bearer")
     }
 
     @Test func aPasswordGrantRefusalIsInvalidCredentialsNotASessionFailure() async throws {
@@ -72,10 +120,12 @@ struct OAuthClientTests {
         await #expect { try await client.refresh(refreshToken: "r") } throws: { ($0 as? AuthError)?.code == .invalidResponse }
     }
 
-    @Test func theJWTExpClaimIsRead() {
+    @Test func theJWTExpClaimIsRead() throws {
         let exp = Date(timeIntervalSince1970: 2_000_000_000)
-        #expect(JWTExpiry.expiry(of: jwt(exp: exp)) == exp)
-        #expect(JWTExpiry.expiry(of: "opaque-token") == nil)
-        #expect(JWTExpiry.expiry(of: "a.!!!.c") == nil)
+        #expect(try JWTExpiry.expiry(of: jwt(exp: exp)) == exp)
+        #expect(try JWTExpiry.expiry(of: "opaque-token") == nil)
+        #expect(try JWTExpiry.expiry(of: "a.!!!.c") == nil)
+        // An exp of 1e300 is refused with a clear error instead of trapping.
+        #expect(throws: AuthError.self) { try JWTExpiry.expiry(of: jwt(rawExp: "1e300")) }
     }
 }

@@ -25,8 +25,17 @@ final class FakeTokenServer: HTTPTransport {
         case oauthError(status: Int, error: String)
         /// A status with an empty body.
         case empty(status: Int)
-        /// The connection failed before any answer.
+        /// The connection failed before the request was sent.
         case unreachable
+        /// The request arrived and was acted on (a rotation), but its answer was lost.
+        case lost
+
+        var status: Int? {
+            switch self {
+            case let .oauthError(status, _), let .empty(status): status
+            case .tokens, .unreachable, .lost: nil
+            }
+        }
     }
 
     struct State {
@@ -36,6 +45,8 @@ final class FakeTokenServer: HTTPTransport {
         var issued = 0
         var valid: Set<String> = []
         var delay: Duration = .zero
+        /// A reuse grace period: a refresh token presented before is accepted again.
+        var acceptReuse = false
     }
 
     let state = Mutex(State())
@@ -77,6 +88,12 @@ final class FakeTokenServer: HTTPTransport {
         switch answer {
         case .unreachable:
             throw URLError(.cannotConnectToHost)
+        case .lost:
+            // The server rotates the token, then the connection drops before the answer.
+            state.withLock { state in
+                if let token = form["refresh_token"] { state.valid.remove(token) }
+            }
+            throw URLError(.networkConnectionLost)
         case let .empty(status):
             return (status, Data())
         case let .oauthError(status, error):
@@ -86,7 +103,9 @@ final class FakeTokenServer: HTTPTransport {
             let refused: Bool = state.withLock { state in
                 guard form["grant_type"] == "refresh_token" else { return false }
                 // Rotation with reuse detection: a refresh token works once.
-                return state.valid.remove(form["refresh_token"] ?? "") == nil
+                let token = form["refresh_token"] ?? ""
+                if state.acceptReuse, state.presentedRefreshTokens.dropLast().contains(token) { return false }
+                return state.valid.remove(token) == nil
             }
             if refused { return (400, Data(#"{"error":"invalid_grant"}"#.utf8)) }
             let (access, refresh) = issue()
@@ -139,10 +158,13 @@ func waitFor(
 }
 
 /// A JWT with the given `exp` claim (unsigned; the client reads it only to schedule refreshes).
-func jwt(exp: Date) -> String {
+func jwt(exp: Date) -> String { jwt(rawExp: String(Int(exp.timeIntervalSince1970))) }
+
+/// A JWT whose `exp` claim is the JSON number text `rawExp`.
+func jwt(rawExp: String) -> String {
     func encode(_ text: String) -> String {
         Data(text.utf8).base64EncodedString().replacingOccurrences(of: "+", with: "-")
             .replacingOccurrences(of: "/", with: "_").replacingOccurrences(of: "=", with: "")
     }
-    return "\(encode(#"{"alg":"none"}"#)).\(encode(#"{"sub":"alice","exp":\#(Int(exp.timeIntervalSince1970))}"#))."
+    return "\(encode(#"{"alg":"none"}"#)).\(encode(#"{"sub":"alice","exp":\#(rawExp)}"#))."
 }
