@@ -183,6 +183,9 @@ struct Controller: Sendable {
         case .invalidCredentials: return "invalidCredentials"
         case .invalidClient: return "invalidClient"
         case .invalidConfiguration: return "notConfigured"
+        case .unanswered: return "unanswered"
+        case .invalidRecord: return "invalidRecord"
+        case .invalidResponse: return "invalidResponse"
         default: return "server"
         }
     }

@@ -32,8 +32,17 @@ struct Tab: AsyncParsableCommand {
     @Option(help: "The OAuth client id.")
     var clientId = "tabsync"
 
-    @Option(help: "The OAuth client secret.")
+    @Option(help: "The OAuth client secret. Visible to every user of the machine in `ps`: prefer --client-secret-file or TABSYNC_CLIENT_SECRET.")
     var clientSecret: String?
+
+    @Option(help: "A file holding the OAuth client secret (its first line).")
+    var clientSecretFile: String?
+
+    @Option(help: "The timeout of one request to the authorization server, in seconds.")
+    var httpTimeout: Double = 15
+
+    @Option(help: "The server's refresh-token reuse grace period, in seconds: a refresh whose answer never came is tried once more within it.")
+    var reuseGracePeriod: Double?
 
     @Option(help: "The scope to ask for at sign-in.")
     var scope: String?
@@ -61,7 +70,7 @@ struct Tab: AsyncParsableCommand {
         sigprocmask(SIG_SETMASK, &none, nil)
         let command: Tab
         do {
-            command = try Tab.parse()
+            command = try Tab.parse(Array(Self.arguments.dropFirst()))
         } catch {
             let exitCode = Tab.exitCode(for: error)
             if exitCode == .success {
@@ -73,6 +82,37 @@ struct Tab: AsyncParsableCommand {
         await command.start()
     }
 
+    /// A flag's number of seconds as a duration: finite, more than zero (or zero where allowed)
+    /// and at most `maximum` (ten years: SessionLimits). Anything else exits before a write.
+    static func duration(_ seconds: Double, _ flag: String, allowZero: Bool = false, maximum: Double = 315_360_000) -> Duration {
+        guard seconds.isFinite, allowZero ? seconds >= 0 : seconds > 0, seconds <= maximum else {
+            fail("\(flag) must be a number of seconds \(allowZero ? "from 0" : "above 0") up to \(Int(maximum)), not \(seconds)")
+        }
+        return .milliseconds(Int64((seconds * 1000).rounded()))
+    }
+
+    /// The client secret: --client-secret-file, else TABSYNC_CLIENT_SECRET, else --client-secret.
+    static func clientSecret(flag: String?, file: String?) -> String? {
+        if let file {
+            guard flag == nil else { fail("give --client-secret or --client-secret-file, not both") }
+            guard let text = try? String(contentsOfFile: file, encoding: .utf8) else { fail("cannot read --client-secret-file \(file)") }
+            let secret = text.split(separator: "\n", maxSplits: 1, omittingEmptySubsequences: false).first.map(String.init) ?? ""
+            guard !secret.isEmpty else { fail("--client-secret-file \(file) is empty") }
+            return secret
+        }
+        if let flag { return flag }
+        if let secret = ProcessInfo.processInfo.environment["TABSYNC_CLIENT_SECRET"], !secret.isEmpty { return secret }
+        return nil
+    }
+
+    /// The command line. Under some LD_PRELOAD libraries (libfaketime) the Swift runtime sees no
+    /// arguments at all; the kernel's copy in /proc/self/cmdline is read then.
+    static var arguments: [String] {
+        if !CommandLine.arguments.isEmpty { return CommandLine.arguments }
+        let raw = (try? Data(contentsOf: URL(fileURLWithPath: "/proc/self/cmdline"))) ?? Data()
+        return raw.split(separator: 0, omittingEmptySubsequences: false).dropLast().map { String(decoding: $0, as: UTF8.self) }
+    }
+
     static func fail(_ message: String) -> Never {
         FileHandle.standardError.write(Data("tab: \(message)\n".utf8))
         Glibc.exit(2)
@@ -80,10 +120,13 @@ struct Tab: AsyncParsableCommand {
 
     func start() async {
         // Configuration first: nothing is written to the directory when it is bad.
-        guard leeway >= 0, idleTimeout.map({ $0 > 0 }) ?? true, absoluteTimeout.map({ $0 > 0 }) ?? true,
-              proactiveRefresh.map({ $0 > 0 }) ?? true else {
-            Self.fail("--leeway must be zero or more, and the timeouts and --proactive-refresh more than zero")
-        }
+        let leeway = Self.duration(leeway, "--leeway", allowZero: true)
+        let idleTimeout = idleTimeout.map { Self.duration($0, "--idle-timeout") }
+        let absoluteTimeout = absoluteTimeout.map { Self.duration($0, "--absolute-timeout") }
+        let proactiveRefresh = proactiveRefresh.map { Self.duration($0, "--proactive-refresh") }
+        let reuseGracePeriod = reuseGracePeriod.map { Self.duration($0, "--reuse-grace-period") }
+        let httpTimeout = Self.duration(httpTimeout, "--http-timeout", maximum: 3600)
+        let clientSecret = Self.clientSecret(flag: clientSecret, file: clientSecretFile)
         guard !name.isEmpty, !name.contains(where: \.isNewline) else { Self.fail("--name must be a non-empty single line") }
         var client: OAuthClient?
         if let tokenEndpoint {
@@ -91,7 +134,8 @@ struct Tab: AsyncParsableCommand {
             let revocation = revocationEndpoint.flatMap(URL.init(string:))
             if revocationEndpoint != nil, revocation == nil { Self.fail("--revocation-endpoint is not a URL") }
             let configuration = OAuthConfiguration(
-                tokenEndpoint: url, revocationEndpoint: revocation, clientID: clientId, clientSecret: clientSecret, scope: scope)
+                tokenEndpoint: url, revocationEndpoint: revocation, clientID: clientId, clientSecret: clientSecret, scope: scope,
+                timeout: httpTimeout)
             do {
                 client = try OAuthClient(configuration: configuration)
             } catch {
@@ -110,11 +154,10 @@ struct Tab: AsyncParsableCommand {
         do {
             app = try SharedStorage(directory: dir, name: "app", origin: name)
             var options = AuthSession.Options()
-            options.leeway = .milliseconds(Int64(leeway * 1000))
-            options.proactiveRefresh = proactiveRefresh.map { .milliseconds(Int64($0 * 1000)) }
-            options.policy = SessionPolicy(
-                idleTimeout: idleTimeout.map { .milliseconds(Int64($0 * 1000)) },
-                absoluteTimeout: absoluteTimeout.map { .milliseconds(Int64($0 * 1000)) })
+            options.leeway = leeway
+            options.proactiveRefresh = proactiveRefresh
+            options.reuseGracePeriod = reuseGracePeriod
+            options.policy = SessionPolicy(idleTimeout: idleTimeout, absoluteTimeout: absoluteTimeout)
             session = try AuthSession(directory: dir, origin: name, client: client, options: options)
         } catch let error as TabSyncError {
             Self.fail(error.description)

@@ -19,6 +19,7 @@ def parse_args():
     p.add_argument("--data", required=True, help="directory for the SQLite database")
     p.add_argument("--access-ttl", type=int, help="access token lifetime in seconds (default 4)")
     p.add_argument("--refresh-ttl", type=int, help="refresh token lifetime in seconds (default 3600)")
+    p.add_argument("--grace", type=int, help="refresh token reuse grace period in seconds (default 0)")
     return p.parse_args()
 
 
@@ -73,6 +74,8 @@ def main():
         os.environ["AUTHSERVER_ACCESS_TTL"] = str(args.access_ttl)
     if args.refresh_ttl is not None:
         os.environ["AUTHSERVER_REFRESH_TTL"] = str(args.refresh_ttl)
+    if args.grace is not None:
+        os.environ["AUTHSERVER_GRACE"] = str(args.grace)
     os.environ["DJANGO_SETTINGS_MODULE"] = "authserver.settings"
     sys.path.insert(0, HERE)
 

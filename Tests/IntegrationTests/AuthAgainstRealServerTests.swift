@@ -16,12 +16,12 @@ final class AuthorizationServer: Sendable {
     let base: String
     let accessTTL: Int
 
-    init(accessTTL: Int = 3) async throws {
+    init(accessTTL: Int = 3, grace: Int = 0) async throws {
         let data = temporaryDirectory("authserver")
         try FileManager.default.createDirectory(atPath: data, withIntermediateDirectories: true)
         process = try ChildProcess(
             "\(repositoryRoot)/Tests/AuthServer/serve",
-            ["--port", "0", "--data", data, "--access-ttl", String(accessTTL)], name: "authserver")
+            ["--port", "0", "--data", data, "--access-ttl", String(accessTTL), "--grace", String(grace)], name: "authserver")
         self.accessTTL = accessTTL
         let deadline = ContinuousClock.now + .seconds(180)
         var ready: String?

@@ -61,7 +61,8 @@ LANGUAGE_CODE = "en-us"
 OAUTH2_PROVIDER = {
     "ROTATE_REFRESH_TOKEN": True,
     "REFRESH_TOKEN_REUSE_PROTECTION": True,
-    "REFRESH_TOKEN_GRACE_PERIOD_SECONDS": 0,
+    # 0 unless a test asks for a reuse grace period (serve --grace SECONDS).
+    "REFRESH_TOKEN_GRACE_PERIOD_SECONDS": int(os.environ.get("AUTHSERVER_GRACE", "0")),
     "ACCESS_TOKEN_EXPIRE_SECONDS": int(os.environ.get("AUTHSERVER_ACCESS_TTL", "4")),
     "REFRESH_TOKEN_EXPIRE_SECONDS": int(os.environ.get("AUTHSERVER_REFRESH_TTL", "3600")),
     # PKCE only concerns the authorization-code grant; the tests use the

@@ -116,7 +116,9 @@ final class ChildProcess: Sendable {
 
     /// Sends a command and waits for its reply (the next object of one of `types`).
     func ask(_ command: String, expecting types: Set<String>, timeout: Duration = .seconds(20)) async throws -> [String: any Sendable] {
-        let isReply: ([String: any Sendable]) -> Bool = { types.contains($0["type"] as? String ?? "") && $0["cmd"] as? String ?? command == command }
+        // Replies name their command by its first word (`login`, not `login alice secret`).
+        let name = command.split(separator: " ").first.map(String.init) ?? command
+        let isReply: ([String: any Sendable]) -> Bool = { types.contains($0["type"] as? String ?? "") && $0["cmd"] as? String ?? name == name }
         let before = objects.filter(isReply).count
         send(command)
         return try await waitFor("reply to \(command)", count: before + 1, timeout: timeout, where: isReply)[before]
