@@ -91,9 +91,6 @@ public final class AuthSession: Sendable {
         public init() {}
     }
 
-    /// The longest shared backoff after transient refresh failures, in milliseconds.
-    static let maximumBackoff: Int64 = 30_000
-
     public let storage: SharedStorage
     public let client: OAuthClient?
     let options: Options
@@ -624,16 +621,5 @@ public final class AuthSession: Sendable {
         case .refreshed: return .refreshed(origin: origin, sequence: event.sequence)
         case .signedOut: return .signedOut(reason: record.reason ?? .userLogout, origin: origin, sequence: event.sequence)
         }
-    }
-}
-
-extension Duration {
-    /// Whole milliseconds, saturating at about ±292 million years instead of trapping.
-    var milliseconds: Int64 {
-        let (seconds, attoseconds) = components
-        let limit = Int64.max / 1000 - 1
-        if seconds > limit { return .max }
-        if seconds < -limit { return .min }
-        return seconds * 1000 + attoseconds / 1_000_000_000_000_000
     }
 }

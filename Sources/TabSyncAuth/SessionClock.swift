@@ -31,6 +31,11 @@ public struct SessionClock: Sendable {
     public var now: Date { Date(milliseconds: milliseconds) }
 }
 
+extension AuthSession {
+    /// The longest shared backoff after transient refresh failures, in milliseconds.
+    static let maximumBackoff: Int64 = 30_000
+}
+
 /// Times written into the shared record by another process, another clock: one that lies
 /// further in the future than ``tolerance`` is clamped to this process's now when it first sees
 /// it, and keeps that clamped value (so a session signed in "ten years from now" still ends).

@@ -76,6 +76,17 @@ public enum SessionLimits {
     }
 }
 
+extension Duration {
+    /// Whole milliseconds, saturating at about ±292 million years instead of trapping.
+    var milliseconds: Int64 {
+        let (seconds, attoseconds) = components
+        let limit = Int64.max / 1000 - 1
+        if seconds > limit { return .max }
+        if seconds < -limit { return .min }
+        return seconds * 1000 + attoseconds / 1_000_000_000_000_000
+    }
+}
+
 /// Reads the `exp` claim of a JWT without checking its signature (the client only needs to
 /// know when to refresh; the resource server checks the token).
 enum JWTExpiry {

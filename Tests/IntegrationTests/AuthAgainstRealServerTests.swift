@@ -15,10 +15,14 @@ final class AuthorizationServer: Sendable {
     let process: ChildProcess
     let base: String
     let accessTTL: Int
+    /// The client secret, in a 0600 file: tabs read it with --client-secret-file, off the command line.
+    let secretFile: String
 
     init(accessTTL: Int = 3, grace: Int = 0) async throws {
         let data = temporaryDirectory("authserver")
         try FileManager.default.createDirectory(atPath: data, withIntermediateDirectories: true)
+        secretFile = "\(data)/client-secret"
+        _ = FileManager.default.createFile(atPath: secretFile, contents: Data("tabsync-secret\n".utf8), attributes: [.posixPermissions: 0o600])
         process = try ChildProcess(
             "\(repositoryRoot)/Tests/AuthServer/serve",
             ["--port", "0", "--data", data, "--access-ttl", String(accessTTL), "--grace", String(grace)], name: "authserver")
@@ -38,7 +42,7 @@ final class AuthorizationServer: Sendable {
 
     var tabArguments: [String] {
         ["--token-endpoint", "\(base)/o/token/", "--revocation-endpoint", "\(base)/o/revoke_token/",
-         "--client-id", "tabsync-test", "--client-secret", "tabsync-secret", "--leeway", "1"]
+         "--client-id", "tabsync-test", "--client-secret-file", secretFile, "--leeway", "1"]
     }
 
     func stats() async throws -> (refresh: Int, reused: Int, inFlight: Int) {
