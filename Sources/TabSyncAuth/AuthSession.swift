@@ -58,6 +58,16 @@ public struct SessionStatus: Sendable, Hashable {
     /// The strict check: signed in and the access token valid beyond the leeway. A session can
     /// exist with an expired access token; ``AuthSession/accessToken()`` then refreshes it.
     public var hasValidToken: Bool
+    /// The refresh under way, if a process is calling the token endpoint now.
+    public var refresh: RefreshInProgress?
+}
+
+/// A refresh that a process has started and not finished: who, and since when.
+public struct RefreshInProgress: Sendable, Hashable {
+    /// The refreshing process's origin (its name in the session) and pid.
+    public var origin: String
+    public var pid: Int32
+    public var since: Date
 }
 
 /// One signed-in session shared by every process of an app (docs in README, "Auth session").
@@ -180,7 +190,8 @@ public final class AuthSession: Sendable {
         let valid = record.state == .signedIn && (record.expiresAt ?? 0) - leeway > now
         return SessionStatus(
             isSignedIn: record.state == .signedIn, expiresAt: record.expiresAt.map(Date.init(milliseconds:)),
-            reason: record.state == .signedOut ? record.reason : nil, sequence: sequence, hasValidToken: valid)
+            reason: record.state == .signedOut ? record.reason : nil, sequence: sequence, hasValidToken: valid,
+            refresh: record.refreshing.map { RefreshInProgress(origin: $0.origin, pid: $0.pid, since: Date(milliseconds: $0.startedAt)) })
     }
 
     // MARK: Signing in and out
