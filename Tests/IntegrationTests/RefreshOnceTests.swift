@@ -166,6 +166,9 @@ struct RefreshOnceTests {
         let tab = try ChildProcess("\(productsDirectory)/tab", ["--dir", directory, "--name", "t", "--json"] + flags, name: "tab")
         try await tab.waitForExit()
         #expect(tab.process.terminationStatus != 0)
+        // Its standard error is read on a thread of its own: wait (bounded) for the line to arrive.
+        let deadline = ContinuousClock.now + .seconds(10)
+        while !tab.standardError.contains("\n"), ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(10)) }
         #expect(tab.standardError.contains(flags[0]), "the error names the flag: \(tab.standardError)")
         #expect(!FileManager.default.fileExists(atPath: directory), "nothing was written")
     }
