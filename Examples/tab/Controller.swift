@@ -6,8 +6,11 @@ import TabSyncAuth
 import Glibc
 #endif
 
-/// Runs one tab: prints storage and session events, and carries out commands one at a time,
-/// so that replies come in the order of the commands.
+/// Runs one tab: prints storage and session events, and carries out commands in two lanes,
+/// each in the order of its commands: the session's commands (`login`, `adopt`, `token`,
+/// `logout`, `activity`, `status`), which may wait for the network or another process, and the
+/// storage's (`set`, `get`, `remove`, `clear`), which never wait behind them. `quit` and the end
+/// of input end the tab at once, whatever is pending.
 struct Controller: Sendable {
     let app: SharedStorage
     let session: AuthSession
@@ -20,22 +23,34 @@ struct Controller: Sendable {
         let sessionEvents = session.events()
         let commands = Self.standardInputLines()
 
+        let (sessionLane, sessionCommands) = AsyncStream.makeStream(of: String.self)
         await withTaskGroup(of: Void.self) { group in
             group.addTask { await printStorage(storageNotifications) }
             group.addTask { await printSession(sessionEvents) }
             group.addTask { await session.run() }
+            group.addTask {
+                for await line in sessionLane { await execute(line) }
+            }
             output.emit([("type", .string("ready")), ("tab", .string(name)), ("pid", .int(Int64(getpid())))])
             // Polling from the start (inotify unavailable) is reported like a later fallback.
             if case .polling = app.changeDetection { reportDetection(app.changeDetection) }
             for await line in commands {
                 if line == "quit" { break }
-                await execute(line)
+                if Self.sessionCommands.contains(line.prefix { $0 != " " }) {
+                    sessionCommands.yield(line)
+                } else {
+                    await execute(line)
+                }
             }
-            group.cancelAll()
+            // At once: a pending `token` (or a refresh another process is stuck in) is not waited for.
             app.close()
             session.storage.close()
+            Glibc.exit(0)
         }
     }
+
+    /// The commands of the session lane.
+    static let sessionCommands: Set<Substring> = ["login", "adopt", "token", "logout", "activity", "status"]
 
     // MARK: Events
 
@@ -87,6 +102,10 @@ struct Controller: Sendable {
     // MARK: Commands
 
     private func execute(_ line: String) async {
+        if line == Self.invalidLine || line.contains("\u{0}") {
+            failure("", code: "badCommand", message: "the line is not valid UTF-8 text")
+            return
+        }
         let words = line.split(separator: " ", maxSplits: 1, omittingEmptySubsequences: false).map(String.init)
         let command = words.first ?? ""
         let argument = words.count > 1 ? words[1] : ""
@@ -138,6 +157,7 @@ struct Controller: Sendable {
                     ("type", .string("status")), ("state", .string(status.isSignedIn ? "signedIn" : "signedOut")),
                     ("expiresAt", .from(status.expiresAt.map { Int64($0.timeIntervalSince1970 * 1000) })),
                     ("reason", .from(status.reason?.rawValue)), ("seq", .int(Int64(status.sequence))),
+                    ("refreshing", status.refresh.map(Self.describe) ?? .null),
                 ])
             default:
                 throw BadCommand("unknown command '\(command)'; commands: set get remove clear login adopt token logout activity status quit")
@@ -147,10 +167,20 @@ struct Controller: Sendable {
         } catch let error as TabSyncError {
             failure(command, code: Self.code(error), message: error.description)
         } catch let error as AuthError {
-            failure(command, code: Self.code(error), message: error.message)
+            failure(command, code: Self.code(error), message: error.message, refresher: error.refresher)
+        } catch is CancellationError {
+            return
         } catch {
             failure(command, code: "internal", message: "\(error)")
         }
+    }
+
+    /// A refresh in progress, for `status` and `refreshTimeout` errors: never a token.
+    static func describe(_ refresh: RefreshInProgress) -> JSON {
+        .object([
+            ("origin", .string(refresh.origin)), ("pid", .int(Int64(refresh.pid))), ("state", .string(refresh.processState.rawValue)),
+            ("since", .int(Int64(refresh.since.timeIntervalSince1970 * 1000))),
+        ])
     }
 
     private func ok(_ command: String, sequence: UInt64? = nil) {
@@ -159,8 +189,9 @@ struct Controller: Sendable {
         output.emit(fields)
     }
 
-    private func failure(_ command: String, code: String, message: String) {
-        output.emit([("type", .string("error")), ("cmd", .string(command)), ("code", .string(code)), ("message", .string(message))])
+    private func failure(_ command: String, code: String, message: String, refresher: RefreshInProgress? = nil) {
+        output.emit([("type", .string("error")), ("cmd", .string(command)), ("code", .string(code)), ("message", .string(message))]
+            + (refresher.map { [("refresher", Self.describe($0))] } ?? []))
     }
 
     static func code(_ error: TabSyncError) -> String {
@@ -186,23 +217,46 @@ struct Controller: Sendable {
         case .unanswered: return "unanswered"
         case .invalidRecord: return "invalidRecord"
         case .invalidResponse: return "invalidResponse"
+        case .refreshTimeout: return "refreshTimeout"
         default: return "server"
         }
     }
 
-    /// Standard input, a line at a time, read on a thread of its own.
+    /// Standard input, a line at a time, read on a thread of its own. A line that is not valid
+    /// UTF-8 comes as ``invalidLine`` (answered `badCommand`), never silently repaired.
     static func standardInputLines() -> AsyncStream<String> {
         AsyncStream { continuation in
             let thread = Thread {
-                while let line = readLine(strippingNewline: true) {
-                    continuation.yield(line.hasSuffix("\r") ? String(line.dropLast()) : line)
+                var pending: [UInt8] = []
+                var buffer = [UInt8](repeating: 0, count: 65_536)
+                func deliver(_ bytes: ArraySlice<UInt8>) {
+                    var line = bytes
+                    if line.last == UInt8(ascii: "\r") { line = line.dropLast() }
+                    continuation.yield(String(validating: line, as: UTF8.self) ?? invalidLine)
                 }
+                while true {
+                    let count = buffer.withUnsafeMutableBytes { Glibc.read(STDIN_FILENO, $0.baseAddress, $0.count) }
+                    if count < 0, errno == EINTR { continue }
+                    if count <= 0 { break }
+                    pending += buffer[0..<count]
+                    var start = pending.startIndex
+                    while let newline = pending[start...].firstIndex(of: UInt8(ascii: "\n")) {
+                        deliver(pending[start..<newline])
+                        start = newline + 1
+                    }
+                    pending.removeSubrange(pending.startIndex..<start)
+                }
+                if !pending.isEmpty { deliver(pending[...]) }
                 continuation.finish()
             }
             thread.name = "tab.stdin"
             thread.start()
         }
     }
+
+    /// Stands for a line of input that is not valid UTF-8. It starts with a NUL, which no
+    /// command has (a line that contains one is refused as well).
+    static let invalidLine = "\u{0}invalid"
 }
 
 struct BadCommand: Error {

@@ -86,7 +86,7 @@ final class Output: Sendable {
         let rest = fields.filter { $0.0 != "type" }.map { key, value -> String in
             let text: String
             switch value {
-            case let .string(string): text = key == "accessToken" ? "<token, \(string.count) characters>" : string
+            case let .string(string): text = key == "accessToken" ? "<token, \(string.count) characters>" : Self.printable(string)
             case let .int(number): text = key == "expiresAt" ? Self.time(number) : String(number)
             case let .bool(flag): text = flag ? "yes" : "no"
             case .null: text = "-"
@@ -94,7 +94,7 @@ final class Output: Sendable {
             }
             return "\(key)=\(text)"
         }.joined(separator: " ")
-        let label = colour ? "\u{1B}[1m[\(name)]\u{1B}[0m" : "[\(name)]"
+        let label = colour ? "\u{1B}[1m[\(Self.printable(name))]\u{1B}[0m" : "[\(Self.printable(name))]"
         let colourCode: String = switch type {
         case "error": "31"
         case "session": "36"
@@ -104,6 +104,25 @@ final class Output: Sendable {
         }
         let kind = colour ? "\u{1B}[\(colourCode)m\(type)\u{1B}[0m" : type
         return "\(label) \(kind) \(rest)"
+    }
+
+    /// Text for a terminal: control characters (C0, DEL, C1) and so every escape sequence are
+    /// shown escaped (`\e`, `\n`, `\u{9b}`), never sent raw, so that no value, key or origin
+    /// written by another process can move the cursor, retitle the terminal or fake a line.
+    static func printable(_ text: String) -> String {
+        var out = ""
+        for scalar in text.unicodeScalars {
+            switch scalar.value {
+            case 0x1B: out += "\\e"
+            case 0x0A: out += "\\n"
+            case 0x0D: out += "\\r"
+            case 0x09: out += "\\t"
+            case 0x5C: out += "\\\\"
+            case 0x00..<0x20, 0x7F..<0xA0, 0x2028, 0x2029: out += "\\u{\(String(scalar.value, radix: 16))}"
+            default: out.unicodeScalars.append(scalar)
+            }
+        }
+        return out
     }
 
     private static func time(_ milliseconds: Int64) -> String {

@@ -21,6 +21,10 @@ public struct AuthError: Error, Sendable, Hashable, CustomStringConvertible {
         /// may have acted on it. On a refresh, the session ends (``refreshFailed``) unless
         /// ``AuthSession/Options/reuseGracePeriod`` allows one more try.
         public static let unanswered = Code(name: "unanswered")
+        /// Another process's refresh took longer than ``AuthSession/Options/refreshWaitTimeout``:
+        /// ``AuthError/refresher`` names it (origin, pid, running, stopped or gone). Its refresh
+        /// is not taken over; asking again later is safe.
+        public static let refreshTimeout = Code(name: "refreshTimeout")
         /// The shared session record is unreadable or holds numbers out of range. It is treated as
         /// signed out; signing in again replaces it.
         public static let invalidRecord = Code(name: "invalidRecord")
@@ -45,10 +49,12 @@ public struct AuthError: Error, Sendable, Hashable, CustomStringConvertible {
     public var storage: TabSyncError?
     /// The HTTP status of the server's answer, when there was one.
     public var httpStatus: Int?
+    /// The process whose refresh this process waited for, with ``Code/refreshTimeout``.
+    public var refresher: RefreshInProgress?
 
     public init(
         code: Code, message: String, oauthError: String? = nil, reason: SignOutReason? = nil, storage: TabSyncError? = nil,
-        httpStatus: Int? = nil
+        httpStatus: Int? = nil, refresher: RefreshInProgress? = nil
     ) {
         self.code = code
         self.message = message
@@ -56,6 +62,7 @@ public struct AuthError: Error, Sendable, Hashable, CustomStringConvertible {
         self.reason = reason
         self.storage = storage
         self.httpStatus = httpStatus
+        self.refresher = refresher
     }
 
     public var description: String { message }

@@ -62,12 +62,42 @@ public struct SessionStatus: Sendable, Hashable {
     public var refresh: RefreshInProgress?
 }
 
-/// A refresh that a process has started and not finished: who, and since when.
+/// A refresh that a process has started and not finished: who, since when, and whether that
+/// process is running, stopped or gone (read from `/proc` when asked).
 public struct RefreshInProgress: Sendable, Hashable {
     /// The refreshing process's origin (its name in the session) and pid.
     public var origin: String
     public var pid: Int32
     public var since: Date
+    public var processState: ProcessState
+
+    init(_ refreshing: SessionRecord.Refreshing) {
+        origin = refreshing.origin
+        pid = refreshing.pid
+        since = Date(milliseconds: refreshing.startedAt)
+        processState = ProcessState(pid: refreshing.pid)
+    }
+}
+
+/// A process's scheduling state, from `/proc/PID/stat`.
+public enum ProcessState: String, Sendable, Hashable {
+    case running, sleeping, stopped, zombie, gone, unknown
+
+    public init(pid: Int32) {
+        guard pid > 0, let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8) else { self = .gone; return }
+        // The state is the field after the command name, which may contain spaces and ')'.
+        guard let close = stat.lastIndex(of: ")"), let state = stat[stat.index(after: close)...].split(separator: " ").first else {
+            self = .unknown
+            return
+        }
+        switch state {
+        case "R": self = .running
+        case "S", "D", "I": self = .sleeping
+        case "T", "t": self = .stopped
+        case "Z", "X": self = .zombie
+        default: self = .unknown
+        }
+    }
 }
 
 /// One signed-in session shared by every process of an app (docs in README, "Auth session").
@@ -97,6 +127,14 @@ public final class AuthSession: Sendable {
         public var reuseGracePeriod: Duration?
         /// The clock for deadlines, activity, backoff and token expiry (``SessionClock/system``).
         public var clock: SessionClock = .system
+        /// How long a process waits for another's refresh before it gives up with
+        /// ``AuthError/Code/refreshTimeout``. By default the client's HTTP timeout (twice that with
+        /// a reuse grace period, which allows a second try) plus 5 seconds: 20 s with the default
+        /// 15 s timeout. A waiting process never takes over a refresh that may still be under way.
+        public var refreshWaitTimeout: Duration?
+        /// The options of the storage that ``AuthSession/init(directory:origin:client:options:)``
+        /// opens. Its logger, when left silent, is this session's ``logger``.
+        public var storage = SharedStorage.Options()
         public var logger = Logger(label: "TabSyncAuth", factory: { _ in SwiftLogNoOpLogHandler() })
         public init() {}
     }
@@ -104,7 +142,7 @@ public final class AuthSession: Sendable {
     public let storage: SharedStorage
     public let client: OAuthClient?
     let options: Options
-    private let inFlight = Mutex<(generation: Int, task: Task<Result<AccessToken, AuthError>, Never>)?>(nil)
+    private let inFlight = Mutex<(generation: Int, task: Task<Result<Attempt, AuthError>, Never>)?>(nil)
     private let notices = Mutex<[UInt64: AsyncStream<SessionEvent>.Continuation]>([:])
     private let noticeIDs = Atomic<UInt64>(0)
     private let clockGuard = ClockGuard()
@@ -114,7 +152,9 @@ public final class AuthSession: Sendable {
     /// Joins the session in `directory` (storage `session`), creating it when missing.
     public convenience init(directory: String, origin: String, client: OAuthClient?, options: Options = Options()) throws(AuthError) {
         do {
-            let storage = try SharedStorage(directory: directory, name: "session", origin: origin)
+            var storageOptions = options.storage
+            if storageOptions.logger.handler is SwiftLogNoOpLogHandler { storageOptions.logger = options.logger }
+            let storage = try SharedStorage(directory: directory, name: "session", origin: origin, options: storageOptions)
             self.init(storage: storage, client: client, options: options)
         } catch {
             throw AuthError.storage(error)
@@ -128,6 +168,9 @@ public final class AuthSession: Sendable {
     }
 
     var origin: String { storage.origin }
+
+    /// The session's decisions (``SessionMachine``), with this process's options.
+    var machine: SessionMachine { SessionMachine(leeway: leeway, proactiveRefresh: Self.bounded(options.proactiveRefresh)) }
 
     /// Now by the session's clock, in milliseconds since 1970.
     var now: Int64 { options.clock.milliseconds }
@@ -187,11 +230,11 @@ public final class AuthSession: Sendable {
     public func status() throws(AuthError) -> SessionStatus {
         let (record, sequence) = try record()
         let now = now
-        let valid = record.state == .signedIn && (record.expiresAt ?? 0) - leeway > now
+        let valid = record.state == .signedIn && (record.expiresAt ?? 0) - SessionMachine.margin(leeway, lifetime: record.lifetime) > now
         return SessionStatus(
             isSignedIn: record.state == .signedIn, expiresAt: record.expiresAt.map(Date.init(milliseconds:)),
             reason: record.state == .signedOut ? record.reason : nil, sequence: sequence, hasValidToken: valid,
-            refresh: record.refreshing.map { RefreshInProgress(origin: $0.origin, pid: $0.pid, since: Date(milliseconds: $0.startedAt)) })
+            refresh: record.refreshing.map(RefreshInProgress.init))
     }
 
     // MARK: Signing in and out
@@ -211,6 +254,11 @@ public final class AuthSession: Sendable {
     private func install(_ response: TokenResponse, kind: SessionRecord.EventKind) throws(AuthError) {
         let policy = options.policy
         let now = now
+        if let lifetime = response.expiresIn, lifetime >= 0, Int64(lifetime) <= leeway / 1000 {
+            options.logger.warning(
+                "The leeway is not shorter than the access token's lifetime; tokens are refreshed at half their lifetime instead",
+                metadata: ["leewaySeconds": "\(leeway / 1000)", "lifetimeSeconds": "\(lifetime)"])
+        }
         try change { record throws(AuthError) in
             try record.install(response, now: now, origin: origin, kind: kind)
             record.idleTimeout = Self.bounded(policy.idleTimeout)
@@ -257,54 +305,72 @@ public final class AuthSession: Sendable {
 
     /// A valid access token, refreshed first when it expires within the leeway.
     ///
-    /// Throws ``AuthError/Code/signedOut`` when there is no session, ``AuthError/Code/refreshFailed``
-    /// when the refresh token was refused (the session then ended everywhere), and
-    /// ``AuthError/Code/network`` for transient failures.
-    public func accessToken() async throws(AuthError) -> AccessToken {
-        try await accessToken(within: options.leeway)
+    /// Throws an ``AuthError``: ``AuthError/Code/signedOut`` when there is no session,
+    /// ``AuthError/Code/refreshFailed`` when the refresh token is finished (the session then ended
+    /// everywhere), ``AuthError/Code/network`` for transient failures, and
+    /// ``AuthError/Code/refreshTimeout`` when another process's refresh took longer than
+    /// ``Options/refreshWaitTimeout``. Throws `CancellationError` within milliseconds when the
+    /// calling task is cancelled; a refresh it shared with other callers goes on for them.
+    public func accessToken() async throws -> AccessToken {
+        try await accessToken(within: leeway)
     }
 
-    func accessToken(within margin: Duration) async throws(AuthError) -> AccessToken {
-        let margin = Self.bounded(margin) ?? 0
+    /// `margin`: the token is refreshed when it expires within this long (milliseconds).
+    func accessToken(within margin: Int64) async throws -> AccessToken {
         while true {
-            let (record, _) = try record()
-            try await enforcePolicy(record)
-            guard record.state == .signedIn, let token = record.accessToken else {
-                throw AuthError(code: .signedOut, message: "There is no session\(record.reason.map { " (ended: \($0.rawValue))" } ?? "")", reason: record.reason)
+            try Task.checkCancellation()
+            let (stored, _) = try record()
+            let now = now
+            switch machine.tokenStep(trusted(stored, now: now), now: now, margin: margin) {
+            case let .use(token, expiresAt):
+                return AccessToken(value: token, expiresAt: expiresAt.map(Date.init(milliseconds:)) ?? .distantFuture, refreshedHere: false)
+            case let .signedOut(reason):
+                throw AuthError(code: .signedOut, message: "There is no session\(reason.map { " (ended: \($0.rawValue))" } ?? "")", reason: reason)
+            case let .expire(_, reason):
+                // The stored start, not the clamped one: it names the session to end.
+                try await expire(startedAt: stored.startedAt, reason: reason)
+            case let .refresh(generation):
+                if case let .refreshedHere(token) = try await refresh(generation: generation, margin: margin) { return token }
             }
-            if let expiresAt = record.expiresAt, expiresAt - margin > now {
-                return AccessToken(value: token, expiresAt: Date(milliseconds: expiresAt), refreshedHere: false)
-            }
-            if record.expiresAt == nil {
-                return AccessToken(value: token, expiresAt: .distantFuture, refreshedHere: false)
-            }
-            if let result = try await refresh(generation: record.generation, margin: margin) { return result }
         }
     }
 
-    /// One refresh attempt for `generation`, shared by every caller in this process.
-    /// Returns nil when another process refreshed (the caller reads the new record).
-    /// `margin`: the token is refreshed when it expires within this long (the leeway, or more
-    /// for a proactive refresh).
-    private func refresh(generation: Int, margin: Int64) async throws(AuthError) -> AccessToken? {
+    /// How a refresh attempt ended for its callers.
+    enum Attempt: Sendable {
+        /// This process refreshed: here is the token.
+        case refreshedHere(AccessToken)
+        /// Someone else refreshed, or the session moved on: read the record again.
+        case movedOn
+    }
+
+    /// One refresh attempt for `generation`, shared by every caller in this process. A cancelled
+    /// caller stops waiting at once; the attempt goes on for the others.
+    private func refresh(generation: Int, margin: Int64) async throws -> Attempt {
         let task = inFlight.withLock { current in
             if let current, current.generation == generation { return current.task }
-            let task = Task { await self.electAndRefresh(generation: generation, margin: margin) }
+            let task = Task {
+                let result = await self.electAndRefresh(generation: generation, margin: margin)
+                // Done: the next caller starts a new attempt, even when every waiter was cancelled.
+                self.inFlight.withLock { current in
+                    if current?.generation == generation { current = nil }
+                }
+                return result
+            }
             current = (generation, task)
             return task
         }
-        let result = await task.value
-        inFlight.withLock { current in
-            if current?.generation == generation { current = nil }
-        }
-        switch result {
-        case let .success(token): return token.value.isEmpty ? nil : token
-        case let .failure(error): throw error
-        }
+        return try await CancellableWait.value(of: task).get()
     }
 
-    /// Takes the refresh lock, or waits for whoever has it to publish an outcome.
-    private func electAndRefresh(generation: Int, margin: Int64) async -> Result<AccessToken, AuthError> {
+    /// The longest a process waits for another's refresh before ``AuthError/Code/refreshTimeout``.
+    var refreshWaitLimit: Duration {
+        if let limit = options.refreshWaitTimeout { return limit }
+        let http = client?.configuration.timeout ?? .seconds(15)
+        return http * (options.reuseGracePeriod == nil ? 1 : 2) + .seconds(5)
+    }
+
+    /// Takes the refresh lock, or waits (bounded) for whoever has it to publish an outcome.
+    private func electAndRefresh(generation: Int, margin: Int64) async -> Result<Attempt, AuthError> {
         let lock: any SessionLock
         do { lock = try storage.lock(named: "refresh") } catch { return .failure(.storage(error)) }
         // Subscribe before looking, so that an outcome published meanwhile is not missed.
@@ -316,101 +382,118 @@ public final class AuthSession: Sendable {
             return .failure(.storage(error))
         }
         if hold == nil {
-            hold = await waitForOutcomeOrLock(lock, generation: generation, changes: changes)
-            guard hold != nil else { return .success(AccessToken(value: "", expiresAt: .distantPast, refreshedHere: false)) }
+            switch await waitForOutcomeOrLock(lock, generation: generation, changes: changes) {
+            case let .locked(taken): hold = taken
+            case .movedOn: return .success(.movedOn)
+            case .timedOut: return .failure(refreshTimeout())
+            }
         }
         defer { hold?.release() }
-        do throws(AuthError) {
+        // The outcome may have been published just before the lock came free.
+        if let (record, _) = try? record(), record.generation != generation || record.state != .signedIn { return .success(.movedOn) }
+        do {
             return .success(try await refreshHoldingLock(generation: generation, margin: margin))
         } catch {
             return .failure(error)
         }
     }
 
-    /// Returns the lock when it was acquired first, or nil when the record moved on.
-    private func waitForOutcomeOrLock(_ lock: any SessionLock, generation: Int, changes: AsyncStream<StorageEvent>) async -> (any SessionLockHold)? {
-        await withTaskGroup(of: (any SessionLockHold)?.self) { group in
+    private enum Wait: Sendable {
+        case locked(any SessionLockHold)
+        case movedOn
+        case timedOut
+    }
+
+    /// The lock (its holder is gone, or finished without publishing), the record moving on, or
+    /// the bound, whichever comes first.
+    private func waitForOutcomeOrLock(_ lock: any SessionLock, generation: Int, changes: AsyncStream<StorageEvent>) async -> Wait {
+        let limit = refreshWaitLimit
+        return await withTaskGroup(of: Wait?.self) { group in
             group.addTask {
-                try? await lock.acquire()
+                (try? await lock.acquire()).map(Wait.locked)
             }
             group.addTask {
                 for await event in changes where event.key == SessionRecord.key || event.key == nil {
                     let record = SessionRecord.decode(event.newValue) ?? SessionRecord()
                     if record.generation != generation || record.state != .signedIn || record.backoffUntil != nil {
-                        return nil
+                        return .movedOn
                     }
                 }
                 return nil
             }
-            let first = await group.next() ?? nil
+            group.addTask {
+                do { try await Task.sleep(for: limit) } catch { return nil }
+                return .timedOut
+            }
+            var first: Wait?
+            while first == nil, let next = await group.next() { first = next }
             group.cancelAll()
-            // A lock taken after cancellation is released by the lock's waiter.
-            for await late in group { late?.release() }
-            return first
+            // A lock taken after cancellation is released by the lock's waiter; one taken by a
+            // task that finished second is released here.
+            for await late in group { if case let .locked(hold)? = late { hold.release() } }
+            return first ?? .timedOut
         }
     }
 
-    private func refreshHoldingLock(generation: Int, margin: Int64) async throws(AuthError) -> AccessToken {
+    /// The error for a wait that hit its bound, naming the refresher as the record shows it.
+    private func refreshTimeout() -> AuthError {
+        let refresher = (try? record())?.0.refreshing.map(RefreshInProgress.init)
+        let who = refresher.map { "\($0.origin) (pid \($0.pid), \($0.processState.rawValue), refreshing since \($0.since))" }
+            ?? "another process (it holds the refresh lock but has not marked a refresh)"
+        return AuthError(
+            code: .refreshTimeout,
+            message: "Waited \(refreshWaitLimit) for the refresh by \(who); it is not taken over while it may still be presenting the refresh token",
+            refresher: refresher)
+    }
+
+    private func refreshHoldingLock(generation: Int, margin: Int64) async throws(AuthError) -> Attempt {
         let client = try requireClient()
         let now = now
-        enum Plan { case done, refresh(String), interrupted(SessionRecord.Refreshing), backoff(Int64) }
-        let plan: Plan = try change { record in
-            guard record.state == .signedIn, record.generation == generation else { return .done }
-            if let expiresAt = record.expiresAt, expiresAt - margin > now { return .done }
-            if let refreshing = record.refreshing { return .interrupted(refreshing) }
-            if let until = trusted(record, now: now).backoffUntil, until > now { return .backoff(until) }
-            guard let token = record.refreshToken else { return .done }
-            record.refreshing = .init(generation: generation, pid: getpid(), origin: origin, startedAt: now)
-            return .refresh(token)
+        let pid = getpid()
+        let plan: SessionMachine.RefreshPlan = try change { record in
+            var trusted = self.trusted(record, now: now)
+            let plan = machine.plan(&trusted, generation: generation, margin: margin, now: now, pid: pid, origin: origin)
+            if trusted != self.trusted(record, now: now) { record = trusted }
+            return plan
         }
         switch plan {
-        case .done:
-            return AccessToken(value: "", expiresAt: .distantPast, refreshedHere: false)
-        case let .backoff(until):
+        case .notNeeded:
+            return .movedOn
+        case let .backingOff(until):
             throw AuthError(code: .network, message: "The last refresh failed; retrying after \(Date(milliseconds: until)) (backoff shared by all processes)")
         case let .interrupted(refreshing):
-            try change { record in
-                if record.state == .signedIn, record.generation == generation { record.signOut(reason: .refreshFailed, origin: origin) }
-            }
             options.logger.warning("A refresh was interrupted; signing out", metadata: ["pid": "\(refreshing.pid)", "origin": "\(refreshing.origin)"])
             throw AuthError(
                 code: .refreshFailed,
                 message: "A refresh by \(refreshing.origin) (pid \(refreshing.pid)) was interrupted; its refresh token may have been rotated already and is not presented again, so the session ended",
                 reason: .refreshFailed)
-        case let .refresh(refreshToken):
+        case let .present(refreshToken):
             let outcome = await present(refreshToken, with: client)
-            switch outcome {
-            case let .success(response):
-                return try installRefreshed(response, generation: generation, client: client)
-            case let .failure(error) where error.code == .network:
-                // Certainly not acted on (not sent, or 408 / 429 / 5xx): the token stays, everyone backs off.
-                try change { record in
-                    guard record.generation == generation else { return }
-                    record.refreshing = nil
-                    record.failures = min(record.failures + 1, 1000)
-                    let delay = min(Int64(1000) << Int64(min(record.failures - 1, 5)), Self.maximumBackoff)
-                    record.backoffUntil = self.now + delay
-                }
-                throw error
-            case let .failure(error) where error.code == .storage:
+            let result: SessionMachine.RefreshResult
+            do {
+                result = try change { record in machine.apply(outcome, to: &record, generation: generation, now: self.now, origin: origin) }
+            } catch {
                 // The marker `refreshing` stays: whoever comes next ends the session rather than
                 // present a refresh token that the server may have rotated.
                 throw error
-            case let .failure(error):
-                // Refused, unanswered, or an answer that is not a token response: final for this token.
-                let ended: Bool = try change { record in
-                    guard record.state == .signedIn, record.generation == generation else { return false }
-                    record.signOut(reason: .refreshFailed, origin: origin)
-                    return true
+            }
+            switch result {
+            case let .installed(expiresAt):
+                guard case let .success(response) = outcome else { return .movedOn }
+                options.logger.info("Refreshed the access token", metadata: ["origin": "\(origin)"])
+                return .refreshedHere(AccessToken(value: response.accessToken, expiresAt: expiresAt.map(Date.init(milliseconds:)) ?? .distantFuture, refreshedHere: true))
+            case .sessionEnded:
+                // Signed out meanwhile: the new refresh token must not outlive the session.
+                if case let .success(response) = outcome, let newRefresh = response.refreshToken {
+                    Task { try? await client.revoke(token: newRefresh) }
                 }
-                // Refused because the session ended (or began anew) meanwhile, for example a
-                // sign-out elsewhere revoked this refresh token: not a failure of the session.
-                guard ended else { throw AuthError(code: .signedOut, message: "The session ended during the refresh", reason: nil) }
-                let why = error.code == .unanswered
-                    ? "\(error.message). The refresh token may have been rotated, so it is not presented again and the session ended"
-                    : error.code == .refreshFailed ? error.message : "\(error.message); the refresh token is not presented again and the session ended"
+                throw AuthError(code: .signedOut, message: "The session ended during the refresh", reason: nil)
+            case .backedOff:
+                guard case let .failure(error) = outcome else { return .movedOn }
+                throw error
+            case let .finished(error):
                 options.logger.warning("A refresh failed for good; signing out", metadata: ["code": "\(error.code)", "status": "\(error.httpStatus.map(String.init) ?? "none")"])
-                throw AuthError(code: .refreshFailed, message: why, oauthError: error.oauthError, reason: .refreshFailed, httpStatus: error.httpStatus)
+                throw error
             }
         }
     }
@@ -429,34 +512,6 @@ public final class AuthSession: Sendable {
         return outcome
     }
 
-    private func installRefreshed(_ response: TokenResponse, generation: Int, client: OAuthClient) throws(AuthError) -> AccessToken {
-        let now = now
-        var outOfRange: AuthError?
-        let installed: Int64?? = try change { record in
-            guard record.state == .signedIn, record.generation == generation else { return nil }
-            do throws(AuthError) {
-                try record.install(response, now: now, origin: origin, kind: .refreshed)
-            } catch {
-                // The server rotated the token but its answer does not fit: the session ends.
-                outOfRange = error
-                record.signOut(reason: .refreshFailed, origin: origin)
-                return nil
-            }
-            return .some(record.expiresAt)
-        }
-        if let outOfRange {
-            throw AuthError(code: .refreshFailed, message: "\(outOfRange.message); the session ended", reason: .refreshFailed)
-        }
-        guard let installed else {
-            // Signed out meanwhile: the new refresh token must not outlive the session.
-            if let newRefresh = response.refreshToken { Task { try? await client.revoke(token: newRefresh) } }
-            throw AuthError(code: .signedOut, message: "The session ended during the refresh", reason: nil)
-        }
-        let expiresAt = installed.map(Date.init(milliseconds:)) ?? .distantFuture
-        options.logger.info("Refreshed the access token", metadata: ["origin": "\(origin)"])
-        return AccessToken(value: response.accessToken, expiresAt: expiresAt, refreshedHere: true)
-    }
-
     private func requireClient() throws(AuthError) -> OAuthClient {
         guard let client else {
             throw AuthError(code: .invalidConfiguration, message: "No token endpoint is configured")
@@ -466,25 +521,9 @@ public final class AuthSession: Sendable {
 
     // MARK: Policy
 
-    /// The earliest forced sign-out of a signed-in record.
-    /// Pass a record that ``trusted(_:now:)`` has seen, so that no time of a wrong clock counts.
-    /// Saturating: no stored number can make it overflow.
+    /// The earliest forced sign-out of a signed-in record (``SessionMachine/deadline(of:)``).
     static func deadline(of record: SessionRecord) -> (at: Int64, reason: SignOutReason)? {
-        guard record.state == .signedIn else { return nil }
-        func sum(_ a: Int64, _ b: Int64) -> Int64 {
-            let (total, overflow) = a.addingReportingOverflow(b)
-            return overflow ? (b < 0 ? .min : .max) : total
-        }
-        var deadlines: [(Int64, SignOutReason)] = []
-        if let idle = record.idleTimeout { deadlines.append((sum(record.lastActivity ?? record.startedAt ?? 0, idle), .idleTimeout)) }
-        if let absolute = record.absoluteTimeout { deadlines.append((sum(record.startedAt ?? 0, absolute), .absoluteTimeout)) }
-        return deadlines.min { $0.0 < $1.0 }
-    }
-
-    private func enforcePolicy(_ record: SessionRecord) async throws(AuthError) {
-        let now = now
-        guard let (deadline, reason) = Self.deadline(of: trusted(record, now: now)), deadline <= now else { return }
-        try await expire(startedAt: record.startedAt, reason: reason)
+        SessionMachine.deadline(of: record)
     }
 
     private func expire(startedAt: Int64?, reason: SignOutReason) async throws(AuthError) {
@@ -508,7 +547,7 @@ public final class AuthSession: Sendable {
     /// the next deadline of its own (a notice, a sign-out, a proactive refresh, the end of a
     /// shared backoff), or for cancellation, and for nothing else. Without a deadline (signed
     /// out, or signed in with no policy and no proactive refresh) it never wakes on its own.
-    /// Deadlines are wall-clock times; a wait for one lasts at most ``maximumRunSleep`` (five
+    /// Deadlines are wall-clock times; a wait for one lasts at most `maximumRunSleep` (five
     /// minutes), so that a wall clock set forward meanwhile is noticed within that time.
     public func run() async {
         let (wakes, wake) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
@@ -523,47 +562,37 @@ public final class AuthSession: Sendable {
         var iterator = wakes.makeAsyncIterator()
         while !Task.isCancelled {
             runTurns.add(1, ordering: .relaxed)
-            var wakeAt: Int64?
-            func wakeUp(at time: Int64) { wakeAt = min(wakeAt ?? time, time) }
             let now = now
-            if let (stored, _) = try? record(), stored.state == .signedIn {
-                let record = trusted(stored, now: now)
-                if let (deadline, reason) = Self.deadline(of: record) {
-                    if deadline <= now {
-                        // The notice always comes first, even when this process woke up late.
-                        if warned.insert(deadline).inserted { broadcast(.expiring(in: .zero, reason: reason)) }
-                        try? await expire(startedAt: stored.startedAt, reason: reason)
-                        continue
-                    }
-                    let span = reason == .idleTimeout ? record.idleTimeout ?? 0 : record.absoluteTimeout ?? 0
-                    let lead = record.warningLead ?? min(span / 5, 60000)
-                    if now >= deadline - lead {
-                        if warned.insert(deadline).inserted {
-                            broadcast(.expiring(in: .milliseconds(deadline - now), reason: reason))
-                        }
-                    } else {
-                        wakeUp(at: deadline - lead)
-                    }
-                    wakeUp(at: deadline)
+            var wakeAt: Int64?
+            if let (stored, _) = try? record() {
+                let turn = machine.turn(trusted(stored, now: now), now: now, warned: warned, retryAfter: retryAfter)
+                if let notice = turn.notice {
+                    warned.insert(notice.deadline)
+                    broadcast(.expiring(in: .milliseconds(notice.remaining), reason: notice.reason))
                 }
-                if let proactive = options.proactiveRefresh, let expiresAt = record.expiresAt {
-                    // Not before a shared backoff or this process's own retry delay has passed.
-                    let due = max(expiresAt - leeway - (Self.bounded(proactive) ?? 0), record.backoffUntil ?? .min, retryAfter ?? .min)
-                    if due <= now {
-                        do {
-                            _ = try await accessToken(within: .milliseconds(leeway + (Self.bounded(proactive) ?? 0)))
-                            failures = 0
-                            retryAfter = nil
-                        } catch {
-                            broadcast(.problem(error))
-                            // Whatever failed, the next attempt waits: 1 s, doubling up to 5 minutes.
-                            failures += 1
-                            retryAfter = self.now + min(Int64(1000) << Int64(min(failures - 1, 9)), Self.maximumRunSleep.milliseconds)
-                        }
-                        continue
-                    }
-                    wakeUp(at: due)
+                if let expiry = turn.expire {
+                    // The stored start, not the clamped one: it names the session to end.
+                    try? await expire(startedAt: stored.startedAt, reason: expiry.reason)
+                    continue
                 }
+                if turn.refresh {
+                    do {
+                        let token = try await accessToken(within: leeway + (Self.bounded(options.proactiveRefresh) ?? 0))
+                        failures = 0
+                        // Nothing was refreshed here (someone else did, or nothing was due after all):
+                        // not again within the second, whatever the record says.
+                        retryAfter = token.refreshedHere ? nil : self.now + 1000
+                    } catch is CancellationError {
+                        break
+                    } catch {
+                        broadcast(.problem(error as? AuthError ?? AuthError(code: .server, message: "\(error)")))
+                        // Whatever failed, the next attempt waits: 1 s, doubling up to 5 minutes.
+                        failures += 1
+                        retryAfter = self.now + min(Int64(1000) << Int64(min(failures - 1, 9)), Self.maximumRunSleep.milliseconds)
+                    }
+                    continue
+                }
+                wakeAt = turn.wakeAt
             }
             var timer: Task<Void, Never>?
             if let wakeAt {

@@ -20,6 +20,8 @@ struct SessionRecord: Codable, Sendable, Equatable {
     var accessToken: String?
     var refreshToken: String?
     var expiresAt: Int64?
+    /// When the current access token was received: with ``expiresAt``, its lifetime.
+    var issuedAt: Int64?
     var startedAt: Int64?
     var lastActivity: Int64?
     /// The session policy, in milliseconds, set by the process that signed in.
@@ -69,7 +71,7 @@ struct SessionRecord: Codable, Sendable, Equatable {
     /// duration within 0 ... ten years, counters within 0 ... 2^53.
     var problem: String? {
         let times: [(String, Int64?)] = [
-            ("expiresAt", expiresAt), ("startedAt", startedAt), ("lastActivity", lastActivity),
+            ("expiresAt", expiresAt), ("issuedAt", issuedAt), ("startedAt", startedAt), ("lastActivity", lastActivity),
             ("backoffUntil", backoffUntil), ("refreshing.startedAt", refreshing?.startedAt),
         ]
         for (name, value) in times {
@@ -92,6 +94,12 @@ struct SessionRecord: Codable, Sendable, Equatable {
         return String(decoding: (try? encoder.encode(self)) ?? Data("{}".utf8), as: UTF8.self)
     }
 
+    /// The access token's lifetime, when both ends are known.
+    var lifetime: Int64? {
+        guard let expiresAt, let issuedAt, expiresAt >= issuedAt else { return nil }
+        return expiresAt - issuedAt
+    }
+
     mutating func announce(_ kind: EventKind, origin: String) {
         event = kind
         eventOrigin = origin
@@ -103,6 +111,7 @@ struct SessionRecord: Codable, Sendable, Equatable {
         accessToken = nil
         refreshToken = nil
         expiresAt = nil
+        issuedAt = nil
         refreshing = nil
         backoffUntil = nil
         failures = 0
@@ -118,6 +127,7 @@ struct SessionRecord: Codable, Sendable, Equatable {
         accessToken = response.accessToken
         if let refresh = response.refreshToken { refreshToken = refresh }
         expiresAt = expiry
+        issuedAt = now
         generation = generation >= 1 << 53 ? 1 : generation + 1
         reason = nil
         refreshing = nil

@@ -15,7 +15,7 @@ struct AuthSessionTests {
     /// Signs in with tokens that are already within the leeway, so the next request refreshes.
     func signInExpired(_ session: AuthSession, _ server: FakeTokenServer) throws {
         let (access, refresh) = server.issue()
-        try session.adopt(accessToken: access, refreshToken: refresh, expiresIn: 5)
+        try session.adopt(accessToken: access, refreshToken: refresh, expiresIn: 0)
     }
 
     @Test func aValidTokenIsReturnedWithoutAnyRequest() async throws {
@@ -129,17 +129,19 @@ struct AuthSessionTests {
         var options = AuthSession.Options()
         options.leeway = .seconds(5)
         options.proactiveRefresh = .seconds(60)
+        // The token lives an hour; a's clock is 59 minutes ahead, so it has 60 s left there:
+        // beyond the leeway, but inside leeway + proactive margin.
+        options.clock = SessionClock { Date().addingTimeInterval(3540) }
         let a = try session(directory, "a", server, options: options)
         let b = try session(directory, "b", server)
         let bEvents = b.events()
-        // Valid for 30 s: beyond the leeway, but inside leeway + proactive margin.
         let (access, refresh) = server.issue()
-        try a.adopt(accessToken: access, refreshToken: refresh, expiresIn: 30)
+        try b.adopt(accessToken: access, refreshToken: refresh, expiresIn: 3600)
         let runner = Task { await a.run() }
         defer { runner.cancel() }
         await waitFor(bEvents) { if case .refreshed(origin: "a", _) = $0 { true } else { false } }
         #expect(server.refreshCount == 1)
-        #expect(try b.status().expiresAt.map { $0 > Date().addingTimeInterval(3000) } == true)
+        #expect(try b.status().expiresAt.map { $0 > Date().addingTimeInterval(3000 + 3540) } == true, "the new token expires an hour after a's clock")
     }
 
     @Test func aTransientFailureBacksOffForEveryProcessWithoutSigningOut() async throws {
@@ -218,8 +220,13 @@ struct AuthSessionTests {
         let server = FakeTokenServer()
         var options = AuthSession.Options()
         options.leeway = .seconds(30)
+        // A clock the test moves: the token lives 60 s; 45 s later it is within the leeway.
+        let offset = Mutex<TimeInterval>(0)
+        options.clock = SessionClock { Date().addingTimeInterval(offset.withLock { $0 }) }
         let a = try session(directory, "a", server, options: options)
-        try a.adopt(accessToken: "a", refreshToken: "r", expiresIn: 10)
+        try a.adopt(accessToken: "a", refreshToken: "r", expiresIn: 60)
+        #expect(try a.status().hasValidToken)
+        offset.withLock { $0 = 45 }
         let status = try a.status()
         #expect(status.isSignedIn)
         #expect(!status.hasValidToken, "a token within the leeway is not valid")
@@ -233,14 +240,15 @@ struct AuthSessionTests {
         let directory = TemporaryDirectory()
         let server = FakeTokenServer()
         let a = try session(directory, "a", server)
-        try a.adopt(accessToken: "secret-access", refreshToken: "secret-refresh", expiresIn: 1)
+        try a.adopt(accessToken: "secret-access", refreshToken: "secret-refresh", expiresIn: 0)
         server.answer(.oauthError(status: 400, error: "invalid_grant"))
         do {
             _ = try await a.accessToken()
             Issue.record("expected a refresh failure")
         } catch {
             #expect(!"\(error)".contains("secret"))
-            #expect(!error.message.contains("secret"))
+            let message = (error as? AuthError)?.message ?? ""
+            #expect(!message.contains("secret"))
         }
     }
 }

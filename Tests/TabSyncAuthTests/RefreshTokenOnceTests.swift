@@ -1,6 +1,9 @@
 import Foundation
 import Synchronization
 import Testing
+#if canImport(Glibc)
+import Glibc
+#endif
 import TabSync
 @testable import TabSyncAuth
 
@@ -16,7 +19,7 @@ struct RefreshTokenOnceTests {
 
     func signInExpired(_ session: AuthSession, _ server: FakeTokenServer) throws {
         let (access, refresh) = server.issue()
-        try session.adopt(accessToken: access, refreshToken: refresh, expiresIn: 5)
+        try session.adopt(accessToken: access, refreshToken: refresh, expiresIn: 0)
     }
 
     // MARK: Refused and unanswered refreshes
@@ -185,5 +188,57 @@ struct RefreshTokenOnceTests {
         var record = SessionRecord()
         record.backoffUntil = now + AuthSession.maximumBackoff + 60_000
         #expect(guardian.trusted(record, now: now).backoffUntil == nil, "a backoff beyond its maximum is not believed")
+    }
+}
+
+/// Issue 14: waits for a refresh are bounded and cancellable.
+@Suite(.timeLimit(.minutes(1)))
+struct BoundedWaitTests {
+    @Test func aCancelledCallerReturnsAtOnceAndTheSharedAttemptGoesOnForTheOthers() async throws {
+        let directory = TemporaryDirectory()
+        let server = FakeTokenServer()
+        server.state.withLock { $0.delay = .seconds(2) }
+        let a = try AuthSession(directory: directory.path, origin: "a", client: server.client())
+        let (access, refresh) = server.issue()
+        try a.adopt(accessToken: access, refreshToken: refresh, expiresIn: 0)
+        let cancelled = Task { try await a.accessToken() }
+        let other = Task { try await a.accessToken() }
+        let started = ContinuousClock.now
+        while server.refreshCount == 0, ContinuousClock.now - started < .seconds(10) { try await Task.sleep(for: .milliseconds(2)) }
+        let cancelledAt = ContinuousClock.now
+        cancelled.cancel()
+        let outcome = await cancelled.result
+        let took = ContinuousClock.now - cancelledAt
+        #expect(throws: CancellationError.self) { try outcome.get() }
+        // The goal is 100 ms; a shared, loaded machine gets some slack.
+        #expect(took < .milliseconds(250), "the cancelled call took \(took)")
+        let token = try await other.value
+        #expect(token.refreshedHere)
+        #expect(server.refreshCount == 1)
+    }
+
+    @Test func aWaitForAnotherProcessesRefreshEndsAtItsBoundNamingTheRefresher() async throws {
+        let directory = TemporaryDirectory()
+        let server = FakeTokenServer()
+        server.state.withLock { $0.delay = .seconds(4) }
+        let refresher = try AuthSession(directory: directory.path, origin: "refresher", client: server.client())
+        var options = AuthSession.Options()
+        options.refreshWaitTimeout = .milliseconds(500)
+        let waiter = try AuthSession(directory: directory.path, origin: "waiter", client: server.client(), options: options)
+        let (access, refresh) = server.issue()
+        try refresher.adopt(accessToken: access, refreshToken: refresh, expiresIn: 0)
+        let refreshing = Task { try await refresher.accessToken() }
+        let started = ContinuousClock.now
+        while server.refreshCount == 0, ContinuousClock.now - started < .seconds(10) { try await Task.sleep(for: .milliseconds(2)) }
+        #expect(try waiter.status().refresh?.origin == "refresher")
+        let asked = ContinuousClock.now
+        await #expect { try await waiter.accessToken() } throws: { error in
+            let error = error as? AuthError
+            return error?.code == .refreshTimeout && error?.refresher?.origin == "refresher" && error?.refresher?.pid == getpid()
+                && error?.refresher?.processState != .gone && error?.message.contains("refresher") == true
+        }
+        #expect(ContinuousClock.now - asked < .seconds(2))
+        #expect(server.refreshCount == 1, "the waiter did not present the token itself")
+        _ = try await refreshing.value
     }
 }

@@ -82,6 +82,11 @@ final class ChildProcess: Sendable {
         try? input.write(contentsOf: Data((line + "\n").utf8))
     }
 
+    /// Writes raw bytes (for input that is not valid UTF-8).
+    func sendBytes(_ bytes: [UInt8]) {
+        try? input.write(contentsOf: Data(bytes))
+    }
+
     func closeInput() { try? input.close() }
 
     var output: [String] { lines.withLock { $0 } }
