@@ -30,6 +30,21 @@ public struct StorageEvent: Sendable, Hashable {
     }
 }
 
+/// Why a ``SharedStorage/transaction(_:)`` with a closure of the caller's error type failed.
+public enum TransactionError<Failure: Error>: Error, CustomStringConvertible {
+    /// The closure threw: nothing was committed.
+    case aborted(Failure)
+    /// The storage failed (the lock, the file, the disk).
+    case storage(TabSyncError)
+
+    public var description: String {
+        switch self {
+        case let .aborted(failure): "The transaction was abandoned: \(failure)"
+        case let .storage(error): error.description
+        }
+    }
+}
+
 /// Everything a storage reports: changes, problems, and how changes are detected.
 public enum StorageNotification: Sendable {
     case change(StorageEvent)
@@ -227,6 +242,39 @@ public final class SharedStorage: Sendable {
             let result = try body(&transaction)
             document = transaction.document
             return result
+        }
+    }
+
+    /// Like ``transaction(_:)``, for a closure that throws the caller's own error type: when
+    /// `body` throws, nothing is committed (the state stays as it was) and its error comes back
+    /// as ``TransactionError/aborted(_:)``; a failure of the storage comes as
+    /// ``TransactionError/storage(_:)``.
+    ///
+    /// ```swift
+    /// enum BookingError: Error { case soldOut }
+    /// do {
+    ///     try storage.transaction { (t: inout SharedStorage.Transaction) throws(BookingError) in
+    ///         guard let seats = t.values["seats"].flatMap(Int.init), seats > 0 else { throw .soldOut }
+    ///         t.set("seats", String(seats - 1))
+    ///     }
+    /// } catch .aborted(.soldOut) { … } catch { … }
+    /// ```
+    public func transaction<Result, Failure: Error>(
+        _ body: (inout Transaction) throws(Failure) -> Result
+    ) throws(TransactionError<Failure>) -> Result {
+        var failure: Failure?
+        do {
+            return try transaction { (transaction: inout Transaction) throws(TabSyncError) -> Result in
+                do throws(Failure) {
+                    return try body(&transaction)
+                } catch {
+                    failure = error
+                    throw TabSyncError(code: .invalidArgument, path: nil, message: "The transaction was abandoned by its closure")
+                }
+            }
+        } catch {
+            if let failure { throw .aborted(failure) }
+            throw .storage(error)
         }
     }
 

@@ -73,7 +73,10 @@ public struct AuthError: Error, Sendable, Hashable, CustomStringConvertible {
 }
 
 /// Why a session ended.
-public enum SignOutReason: String, Sendable, Hashable, Codable, CaseIterable {
+public enum SignOutReason: String, Sendable, Hashable, Codable, CaseIterable, CustomStringConvertible {
+    /// The plain name (`userLogout`), as in `tab`'s output.
+    public var description: String { rawValue }
+
     /// A user signed out in some process.
     case userLogout
     /// The refresh token was refused (expired, revoked or reused, or any other final answer), its

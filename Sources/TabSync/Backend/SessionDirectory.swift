@@ -15,7 +15,8 @@ import Glibc
 /// another user, writable by group or others, or is a symbolic link;
 /// ``TabSyncError/Code/notRegularFile`` for a FIFO, device or socket where a file belongs.
 public final class SessionDirectory: Sendable {
-    /// The path the directory was opened at.
+    /// The absolute path the directory was opened at. A relative path is resolved once, against
+    /// the current directory at the time of opening; `~` is not special (it is a folder name).
     public let path: String
     let descriptor: Int32
     let device: UInt64
@@ -28,6 +29,7 @@ public final class SessionDirectory: Sendable {
         guard !path.isEmpty else {
             throw TabSyncError(code: .invalidArgument, path: path, message: "The session directory path is empty")
         }
+        let path = try Self.absolute(path)
         self.path = path
         if create { try Self.makeDirectories(path) }
         let fd = open(path, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
@@ -64,6 +66,60 @@ public final class SessionDirectory: Sendable {
 
     deinit { close(descriptor) }
 
+    /// The conventional place for an app's session: `$XDG_RUNTIME_DIR/APP`, a private per-user
+    /// directory on a tmpfs that the system removes at logout. When `XDG_RUNTIME_DIR` is unset
+    /// (a service, a container, an SSH session without a login manager), `fallback` is used if
+    /// given; without one this throws, naming the variable, rather than guess a shared place.
+    public static func conventionalPath(app: String, fallback: String? = nil) throws(TabSyncError) -> String {
+        try conventionalPath(app: app, fallback: fallback, runtimeDirectory: getenv("XDG_RUNTIME_DIR").map { String(cString: $0) })
+    }
+
+    static func conventionalPath(app: String, fallback: String?, runtimeDirectory: String?) throws(TabSyncError) -> String {
+        guard !app.isEmpty, !app.contains("/"), app != ".", app != ".." else {
+            throw TabSyncError(code: .invalidArgument, path: nil, message: "The app name \"\(app)\" cannot be a folder name")
+        }
+        if let runtime = runtimeDirectory, runtime.hasPrefix("/") {
+            return runtime.hasSuffix("/") ? runtime + app : runtime + "/" + app
+        }
+        if let fallback { return try absolute(fallback) }
+        throw TabSyncError(
+            code: .invalidArgument, path: nil,
+            message: "XDG_RUNTIME_DIR is not set (or not an absolute path), so there is no per-user runtime directory for \(app); pass a fallback directory")
+    }
+
+    /// A file mode's permission bits as `ls -l` users write them: `0700`, `1777` (sticky).
+    static func octal(_ mode: mode_t) -> String {
+        let digits = String(mode & 0o7777, radix: 8)
+        return String(repeating: "0", count: max(0, 4 - digits.count)) + digits
+    }
+
+    /// `path` made absolute against the current directory, once.
+    static func absolute(_ path: String) throws(TabSyncError) -> String {
+        if path.hasPrefix("/") { return path }
+        guard let cwd = getcwd(nil, 0) else {
+            throw TabSyncError(code: .io, path: path, message: "Cannot resolve the relative session directory path: the current directory is unreadable", errno: .current)
+        }
+        defer { free(cwd) }
+        let base = String(cString: cwd)
+        var relative = Substring(path)
+        while relative.hasPrefix("./") { relative = relative.dropFirst(2) }
+        if relative == "." { return base }
+        return base.hasSuffix("/") ? base + relative : base + "/" + relative
+    }
+
+    /// Whether the directory this instance opened is still there (it was not deleted).
+    var isDeleted: Bool {
+        var info = stat()
+        return fstat(descriptor, &info) == 0 && info.st_nlink == 0
+    }
+
+    /// The error for a file operation that failed because the directory itself is gone.
+    func vanished(_ call: String, _ errno: Errno, file: String) -> TabSyncError {
+        TabSyncError(
+            code: .io, path: path,
+            message: "The session directory no longer exists (it was deleted while in use; \(call) of \(file) failed)", errno: errno)
+    }
+
     /// The path of a file inside the directory, for messages.
     func path(of name: String) -> String {
         path.hasSuffix("/") ? path + name : path + "/" + name
@@ -94,7 +150,7 @@ public final class SessionDirectory: Sendable {
                 message: "The \(what) is owned by uid \(info.st_uid), not by this user (uid \(geteuid()))")
         }
         if info.st_mode & forbidden != 0 {
-            let mode = String(info.st_mode & 0o777, radix: 8)
+            let mode = Self.octal(info.st_mode)
             throw TabSyncError(
                 code: .insecurePath, path: path,
                 message: "The \(what) has mode \(mode), which lets other users \(forbidden & (S_IRGRP | S_IROTH) != 0 ? "read or write" : "write") it")
@@ -141,7 +197,12 @@ extension SessionDirectory {
     func openFile(_ name: String, flags: Int32, create: Bool) throws(TabSyncError) -> Int32 {
         var flags = flags | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK
         if create { flags |= O_CREAT }
-        let fd = try retrying("openat", path: path(of: name)) { openat(descriptor, name, flags, 0o600) }
+        let fd: Int32
+        do {
+            fd = try retrying("openat", path: path(of: name)) { openat(descriptor, name, flags, 0o600) }
+        } catch let error where error.errno == .noSuchFileOrDirectory && create && isDeleted {
+            throw vanished("openat", .noSuchFileOrDirectory, file: name)
+        }
         var info = stat()
         guard fstat(fd, &info) == 0 else {
             let errno = Errno.current
