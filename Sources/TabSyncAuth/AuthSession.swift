@@ -317,9 +317,12 @@ public final class AuthSession: Sendable {
 
     /// `margin`: the token is refreshed when it expires within this long (milliseconds).
     func accessToken(within margin: Int64) async throws -> AccessToken {
+        // The record a waiter was handed with the outcome it waited for saves it one read.
+        var handed: SessionRecord?
         while true {
             try Task.checkCancellation()
-            let (stored, _) = try record()
+            let stored = try handed ?? record().0
+            handed = nil
             let now = now
             switch machine.tokenStep(trusted(stored, now: now), now: now, margin: margin) {
             case let .use(token, expiresAt):
@@ -330,7 +333,10 @@ public final class AuthSession: Sendable {
                 // The stored start, not the clamped one: it names the session to end.
                 try await expire(startedAt: stored.startedAt, reason: reason)
             case let .refresh(generation):
-                if case let .refreshedHere(token) = try await refresh(generation: generation, margin: margin) { return token }
+                switch try await refresh(generation: generation, margin: margin) {
+                case let .refreshedHere(token): return token
+                case let .movedOn(record): handed = record
+                }
             }
         }
     }
@@ -339,8 +345,9 @@ public final class AuthSession: Sendable {
     enum Attempt: Sendable {
         /// This process refreshed: here is the token.
         case refreshedHere(AccessToken)
-        /// Someone else refreshed, or the session moved on: read the record again.
-        case movedOn
+        /// Someone else refreshed, or the session moved on: look again (at this record, when the
+        /// outcome came with one).
+        case movedOn(SessionRecord?)
     }
 
     /// One refresh attempt for `generation`, shared by every caller in this process. A cancelled
@@ -384,13 +391,13 @@ public final class AuthSession: Sendable {
         if hold == nil {
             switch await waitForOutcomeOrLock(lock, generation: generation, changes: changes) {
             case let .locked(taken): hold = taken
-            case .movedOn: return .success(.movedOn)
+            case let .movedOn(record): return .success(.movedOn(record))
             case .timedOut: return .failure(refreshTimeout())
             }
         }
         defer { hold?.release() }
         // The outcome may have been published just before the lock came free.
-        if let (record, _) = try? record(), record.generation != generation || record.state != .signedIn { return .success(.movedOn) }
+        if let (record, _) = try? record(), record.generation != generation || record.state != .signedIn { return .success(.movedOn(record)) }
         do {
             return .success(try await refreshHoldingLock(generation: generation, margin: margin))
         } catch {
@@ -400,7 +407,7 @@ public final class AuthSession: Sendable {
 
     private enum Wait: Sendable {
         case locked(any SessionLockHold)
-        case movedOn
+        case movedOn(SessionRecord)
         case timedOut
     }
 
@@ -416,7 +423,7 @@ public final class AuthSession: Sendable {
                 for await event in changes where event.key == SessionRecord.key || event.key == nil {
                     let record = SessionRecord.decode(event.newValue) ?? SessionRecord()
                     if record.generation != generation || record.state != .signedIn || record.backoffUntil != nil {
-                        return .movedOn
+                        return .movedOn(record)
                     }
                 }
                 return nil
@@ -458,7 +465,7 @@ public final class AuthSession: Sendable {
         }
         switch plan {
         case .notNeeded:
-            return .movedOn
+            return .movedOn(nil)
         case let .backingOff(until):
             throw AuthError(code: .network, message: "The last refresh failed; retrying after \(Date(milliseconds: until)) (backoff shared by all processes)")
         case let .interrupted(refreshing):
@@ -479,7 +486,7 @@ public final class AuthSession: Sendable {
             }
             switch result {
             case let .installed(expiresAt):
-                guard case let .success(response) = outcome else { return .movedOn }
+                guard case let .success(response) = outcome else { return .movedOn(nil) }
                 options.logger.info("Refreshed the access token", metadata: ["origin": "\(origin)"])
                 return .refreshedHere(AccessToken(value: response.accessToken, expiresAt: expiresAt.map(Date.init(milliseconds:)) ?? .distantFuture, refreshedHere: true))
             case .sessionEnded:
@@ -489,7 +496,7 @@ public final class AuthSession: Sendable {
                 }
                 throw AuthError(code: .signedOut, message: "The session ended during the refresh", reason: nil)
             case .backedOff:
-                guard case let .failure(error) = outcome else { return .movedOn }
+                guard case let .failure(error) = outcome else { return .movedOn(nil) }
                 throw error
             case let .finished(error):
                 options.logger.warning("A refresh failed for good; signing out", metadata: ["code": "\(error.code)", "status": "\(error.httpStatus.map(String.init) ?? "none")"])
