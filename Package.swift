@@ -15,6 +15,7 @@ let package = Package(
         .library(name: "TabSync", targets: ["TabSync"]),
         .library(name: "TabSyncAuth", targets: ["TabSyncAuth"]),
         .executable(name: "tab", targets: ["tab"]),
+        .executable(name: "tabsync", targets: ["tabsync"]),
         .executable(name: "tabsync-demo", targets: ["tabsync-demo"]),
         .executable(name: "devtoken-server", targets: ["DevTokenServer"]),
     ],
@@ -61,6 +62,17 @@ let package = Package(
             path: "Examples/tab",
             swiftSettings: strictSettings
         ),
+        // The inspection tool: what a session directory holds, who holds its locks, what is wrong.
+        .executableTarget(
+            name: "tabsync",
+            dependencies: [
+                "TabSync",
+                "TabSyncAuth",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ],
+            path: "Examples/tabsync",
+            swiftSettings: strictSettings
+        ),
         .executableTarget(
             name: "tabsync-demo",
             dependencies: [
@@ -91,7 +103,7 @@ let package = Package(
         ),
         .testTarget(
             name: "IntegrationTests",
-            dependencies: ["tab", "DevTokenServer"],
+            dependencies: ["tab", "tabsync", "DevTokenServer"],
             swiftSettings: strictSettings
         ),
     ]

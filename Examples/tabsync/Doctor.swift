@@ -1,0 +1,274 @@
+import ArgumentParser
+import Foundation
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// `tabsync doctor DIR`: what TabSync would refuse in a directory and why, and what makes it
+/// unreliable there. Exits 0 when TabSync would refuse nothing, 1 otherwise. Reads only: it
+/// opens no storage and changes nothing.
+struct Doctor: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Permissions, ownership, file system, inotify limits and format versions: what TabSync would refuse, and why.",
+        discussion: "Exits 0 when TabSync would refuse nothing, 1 otherwise.")
+
+    @OptionGroup var options: DirectoryOptions
+
+    /// Something to say about a path.
+    struct Finding {
+        var path: String
+        var reason: String
+        var json: JSON { .object([("path", .string(path)), ("reason", .string(reason))]) }
+        var human: String { "\(Display.name(path)): \(Display.escaped(reason))" }
+    }
+
+    func run() async throws {
+        let path = options.path
+        let euid = geteuid()
+        var refused: [Finding] = []
+        var warnings: [Finding] = []
+
+        // The directory.
+        let directory = FileInfo.lstat(path)
+        var isDirectory = false
+        switch directory {
+        case let .failure(error) where error.errno == ENOENT:
+            warnings.append(Finding(path: path, reason: "does not exist: TabSync creates it, and its missing parents, with mode 0700"))
+        case let .failure(error):
+            refused.append(Finding(path: path, reason: "cannot be examined (\(error)); TabSync could not open it either"))
+        case let .success(info):
+            isDirectory = info.kind == .directory
+            refused += info.directoryRefusals(euid: euid).map { Finding(path: path, reason: $0) }
+            if isDirectory, info.permissions & 0o055 != 0, info.permissions & 0o022 == 0 {
+                warnings.append(Finding(
+                    path: path,
+                    reason: "its mode \(info.octalMode) lets others list the file names (TabSync allows it: the files themselves are 0600; 0700 hides the names too)"))
+            }
+        }
+
+        // The file system (of the nearest existing ancestor when the directory is missing).
+        var existing = path
+        while case .failure = FileInfo.lstat(existing), existing != "/" {
+            existing = (existing as NSString).deletingLastPathComponent
+        }
+        let fileSystem = try? FileSystemType.of(existing).get()
+        if let fileSystem, fileSystem.isRemote {
+            warnings.append(Finding(
+                path: path,
+                reason: "on \(fileSystem.name), inotify sees only this machine's changes (TabSync polls every 250 ms) and flock may not exclude other machines: keep the session directory on a local disk or tmpfs ($XDG_RUNTIME_DIR)"))
+        }
+
+        // inotify limits and what this user has in use.
+        let limits = (
+            instances: Proc.number("/proc/sys/fs/inotify/max_user_instances"),
+            watches: Proc.number("/proc/sys/fs/inotify/max_user_watches"),
+            queued: Proc.number("/proc/sys/fs/inotify/max_queued_events"))
+        let usage = Proc.inotifyUsage(uid: euid)
+        if let maximum = limits.instances, Int64(usage.descriptors) >= maximum {
+            warnings.append(Finding(
+                path: "/proc/sys/fs/inotify/max_user_instances",
+                reason: "this user has \(usage.descriptors) inotify descriptors open, the limit is \(maximum): a new TabSync process may find none and poll"))
+        }
+        if let maximum = limits.watches, Int64(usage.watches) * 10 >= maximum * 9 {
+            warnings.append(Finding(
+                path: "/proc/sys/fs/inotify/max_user_watches",
+                reason: "this user has \(usage.watches) of \(maximum) inotify watches in use: a new TabSync process may find none and poll"))
+        }
+
+        // The files.
+        var files: [FileReport] = []
+        var otherFiles = 0
+        if isDirectory {
+            switch directoryEntries(path) {
+            case let .failure(error):
+                refused.append(Finding(path: path, reason: "its entries cannot be listed (\(error))"))
+            case let .success(entries):
+                let storages = Set(storageNames(in: entries))
+                for name in entries {
+                    let report = FileReport(directory: path, name: name, euid: euid, storages: storages)
+                    guard report.role != .other else {
+                        otherFiles += 1
+                        continue
+                    }
+                    refused += report.refusals.map { Finding(path: join(path, name), reason: $0) }
+                    warnings += report.warnings.map { Finding(path: join(path, name), reason: $0) }
+                    files.append(report)
+                }
+            }
+        }
+
+        let output = LineOutput(json: options.json)
+        let info = try? directory.get()
+        if options.json {
+            output.write(JSON.object([
+                ("directory", .object([
+                    ("path", .string(path)), ("exists", .bool(info != nil)), ("type", .from(info?.kind.rawValue)),
+                    ("mode", .from(info?.octalMode)), ("uid", info.map { .int(Int64($0.uid)) } ?? .null),
+                    ("owner", .from(info.map { User.name($0.uid) })), ("gid", info.map { .int(Int64($0.gid)) } ?? .null),
+                    ("group", .from(info.map { User.groupName($0.gid) })),
+                ])),
+                ("checkedUid", .int(Int64(euid))),
+                ("fileSystem", fileSystem.map { fs in
+                    .object([
+                        ("type", .string(fs.name)), ("mountPoint", .string(fs.mountPoint)), ("source", .string(fs.source)), ("remote", .bool(fs.isRemote)),
+                        ("inotifyReliable", .bool(!fs.isRemote)), ("flockReliable", .bool(!fs.isRemote)),
+                    ])
+                } ?? .null),
+                ("inotify", .object([
+                    ("maxUserInstances", .from(limits.instances)), ("maxUserWatches", .from(limits.watches)),
+                    ("maxQueuedEvents", .from(limits.queued)), ("descriptorsInUse", .int(Int64(usage.descriptors))),
+                    ("watchesInUse", .int(Int64(usage.watches))), ("processes", .int(Int64(usage.processes))),
+                    ("processesNotInspected", .int(Int64(usage.processesNotInspected))),
+                ])),
+                ("files", .array(files.map(\.json))),
+                ("otherFiles", .int(Int64(otherFiles))),
+                ("refused", .array(refused.map(\.json))),
+                ("warnings", .array(warnings.map(\.json))),
+                ("ok", .bool(refused.isEmpty)),
+            ]).encoded)
+        } else {
+            if let info {
+                output.write("directory \(Display.name(path)): \(info.kind.phrase), mode \(info.octalMode), owner \(Display.name(User.name(info.uid))) (uid \(info.uid)), group \(Display.name(User.groupName(info.gid))) (gid \(info.gid)); checked for uid \(euid)")
+            } else {
+                output.write("directory \(Display.name(path)): missing; checked for uid \(euid)")
+            }
+            if let fs = fileSystem {
+                let yes = fs.isRemote ? "no" : "yes"
+                output.write("file system: \(Display.name(fs.name)) (\(Display.name(fs.source)) on \(Display.name(fs.mountPoint))), \(fs.isRemote ? "remote or user-space" : "local"): inotify reliable \(yes), flock reliable \(yes)")
+            } else {
+                output.write("file system: unknown (not found in /proc/self/mountinfo)")
+            }
+            func number(_ value: Int64?) -> String { value.map(String.init) ?? "?" }
+            output.write(
+                "inotify: max_user_instances \(number(limits.instances)) (this user has \(Display.plural(usage.descriptors, "inotify descriptor")) open in \(Display.plural(usage.processes, "process", "processes"))"
+                    + (usage.processesNotInspected > 0 ? ", \(usage.processesNotInspected) not inspected" : "")
+                    + "), max_user_watches \(number(limits.watches)) (\(usage.watches) in use), max_queued_events \(number(limits.queued))")
+            if isDirectory {
+                output.write("files: \(files.count) of TabSync's" + (otherFiles > 0 ? ", \(otherFiles) others ignored" : ""))
+                let width = files.map { Display.name($0.name).count }.max() ?? 0
+                for file in files {
+                    let name = Display.name(file.name)
+                    output.write("  \(name)\(String(repeating: " ", count: width - name.count))  \(file.human)")
+                }
+            }
+            for (title, findings) in [("refused", refused), ("warnings", warnings)] where !findings.isEmpty {
+                output.write("\(title) (\(findings.count)):")
+                for finding in findings { output.write("  \(finding.human)") }
+            }
+            output.write(refused.isEmpty ? "ok: TabSync would refuse nothing here" : "TabSync would refuse \(Display.plural(refused.count, "thing")) here")
+        }
+        if !refused.isEmpty { throw ExitCode(1) }
+    }
+}
+
+/// One entry of the directory and what TabSync makes of it.
+struct FileReport {
+    enum Role: String {
+        /// `NAME.state`
+        case state
+        /// `NAME.state.prev`: the previous generation, for recovery.
+        case previous
+        /// `NAME.state.tmp`: the next generation while it is written.
+        case temporary
+        /// `NAME.state.corrupt-TIME`: moved aside by recovery.
+        case corrupt
+        /// `NAME.lock`, `NAME.LOCKNAME.lock`.
+        case lock
+        /// Not a TabSync file: ignored.
+        case other
+    }
+
+    var name: String
+    var role: Role
+    var info: Result<FileInfo, SystemError>
+    var probe: StateFileProbe?
+    var refusals: [String] = []
+    var warnings: [String] = []
+
+    /// `storages`: the storages of the directory (its `NAME.state` files), whose lock files
+    /// TabSync opens.
+    init(directory: String, name: String, euid: UInt32, storages: Set<String>) {
+        self.name = name
+        role = Self.role(of: name)
+        info = FileInfo.lstat(join(directory, name))
+        guard case let .success(file) = info else {
+            if role != .other { warnings.append("cannot be examined (\(String(describing: info)))") }
+            return
+        }
+        let problems = file.fileRefusals(euid: euid)
+        switch role {
+        case .state:
+            refusals += problems
+            guard problems.isEmpty else { break }
+            let probe = StateFileProbe.read(join(directory, name))
+            self.probe = probe
+            switch probe.verdict {
+            case .valid: break
+            case let .corrupt(why):
+                warnings.append("corrupt (\(why)): the next TabSync process that reads it moves it aside as \(name).corrupt-TIME and recovers the newest state it can prove")
+            case .unsupportedVersion, .tooLarge, .refused, .unreadable:
+                refusals.append(probe.summary)
+            }
+        case .lock:
+            // The commit lock `S.lock` and the named locks `S.NAME.lock` of a storage S present
+            // are opened by TabSync; other lock files only by a process that asks for that lock.
+            let base = String(name.dropLast(".lock".count))
+            if storages.contains(base) || storages.contains(where: { base.hasPrefix($0 + ".") }) {
+                refusals += problems
+            } else {
+                warnings += problems.map { "\($0) (no storage of this directory uses it; a process that takes this lock would be refused)" }
+            }
+        case .previous:
+            if problems.isEmpty {
+                let probe = StateFileProbe.read(join(directory, name))
+                self.probe = probe
+                if probe.verdict != .valid { warnings.append("\(probe.summary): recovery cannot use it") }
+            } else {
+                warnings += problems.map { "\($0): recovery does not use it" }
+            }
+        case .temporary:
+            if file.kind == .directory {
+                refusals.append("a directory stands in place of the next generation: commits cannot write it")
+            } else {
+                warnings.append("a commit is being written, or a writer died during one: the next commit removes it")
+            }
+        case .corrupt:
+            warnings.append("a corrupt state file that recovery moved aside; TabSync never deletes these")
+        case .other:
+            break
+        }
+    }
+
+    static func role(of name: String) -> Role {
+        func storage(_ suffix: String) -> Bool { name.hasSuffix(suffix) && isValidName(String(name.dropLast(suffix.count))) }
+        if storage(".state") { return .state }
+        if storage(".state.prev") { return .previous }
+        if storage(".state.tmp") { return .temporary }
+        if let range = name.range(of: ".state.corrupt-"), isValidName(String(name[..<range.lowerBound])) { return .corrupt }
+        if storage(".lock") { return .lock }
+        return .other
+    }
+
+    var json: JSON {
+        let file = try? info.get()
+        return .object([
+            ("name", .string(name)), ("role", .string(role.rawValue)), ("type", .from(file?.kind.rawValue)),
+            ("mode", .from(file?.octalMode)), ("uid", file.map { .int(Int64($0.uid)) } ?? .null),
+            ("owner", .from(file.map { User.name($0.uid) })), ("gid", file.map { .int(Int64($0.gid)) } ?? .null),
+            ("size", file.map { .int($0.size) } ?? .null), ("formatVersion", .from(probe?.version)),
+            ("seq", probe?.sequence.map { .int(Int64($0)) } ?? .null), ("check", .from(probe?.code)),
+        ])
+    }
+
+    var human: String {
+        guard case let .success(file) = info else { return "\(role.rawValue), cannot be examined" }
+        var text = "\(role.rawValue), \(file.kind.phrase), mode \(file.octalMode), \(Display.name(User.name(file.uid))):\(Display.name(User.groupName(file.gid))), \(Display.plural(Int(file.size), "byte"))"
+        if let probe {
+            if let version = probe.version, probe.verdict != .unsupportedVersion(version) { text += ", format version \(version)" }
+            if let sequence = probe.sequence { text += ", seq \(sequence)" }
+            text += ", \(Display.escaped(probe.summary))"
+        }
+        return text
+    }
+}

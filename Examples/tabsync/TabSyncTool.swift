@@ -1,0 +1,88 @@
+import ArgumentParser
+import TabSync
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The inspection tool: what a session directory holds, who holds its locks, what is wrong with it.
+@main
+struct TabSyncTool: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "tabsync",
+        abstract: "Looks inside a TabSync session directory: its storages, its session, its locks, and what TabSync would refuse.",
+        discussion: """
+            Never prints a token, nor any value of the `session` storage. Human output shows control \
+            characters and escape sequences escaped (\\e, \\a, \\xHH); --json prints one JSON document \
+            (one object per line for `watch`).
+            """,
+        subcommands: [Status.self, Watch.self, Locks.self, Doctor.self])
+
+    static func main() async {
+        // A parent may have started us with signals blocked (posix_spawn passes on the mask of
+        // the thread that spawned): unblock them, so that SIGTERM and Ctrl-C end `watch`.
+        var none = sigset_t()
+        sigemptyset(&none)
+        sigprocmask(SIG_SETMASK, &none, nil)
+        await main(nil)
+    }
+}
+
+/// The arguments every command takes.
+struct DirectoryOptions: ParsableArguments {
+    @Argument(help: "The session directory.")
+    var directory: String
+
+    @Flag(help: "Print JSON for scripts.")
+    var json = false
+
+    /// The directory as an absolute path (a relative one is resolved once, here).
+    var path: String { absolutePath(directory) }
+}
+
+/// Why a storage was not opened.
+struct StorageProblem: Error, Sendable, Equatable {
+    /// A TabSyncError code (`insecurePath`, `corruptState`, ...), or `unreadable`.
+    var code: String
+    var message: String
+}
+
+/// Opens the storages of a session directory for reading.
+enum Storages {
+    /// The origin the tool's storages carry. The tool never writes, so no change bears it.
+    static let origin = "tabsync-\(getpid())"
+
+    /// Opens the session directory without creating it.
+    static func directory(_ path: String) throws(TabSyncError) -> SessionDirectory {
+        try SessionDirectory(path: path, create: false)
+    }
+
+    /// Opens the storage `name` once its state file looked valid. TabSync's first read of a
+    /// corrupt state file recovers it (a write); a look first keeps the tool from changing
+    /// anything, and a refused file is reported the same way TabSync would refuse it.
+    static func open(_ name: String, in directory: SessionDirectory) -> Result<SharedStorage, StorageProblem> {
+        let probe = StateFileProbe.read(join(directory.path, name + ".state"))
+        switch probe.verdict {
+        case .valid:
+            break
+        case let .corrupt(why):
+            return .failure(StorageProblem(
+                code: "corruptState",
+                message: "The state file is corrupt (\(why)); not opened, so that it stays as it is: the next TabSync process that reads it moves it aside and recovers"))
+        case let .unsupportedVersion(version):
+            return .failure(StorageProblem(code: "unsupportedVersion", message: "The state file has format version \(version); this TabSync reads version 1"))
+        case let .tooLarge(size):
+            return .failure(StorageProblem(code: "stateTooLarge", message: "The state file has \(size) bytes, more than the default limit of \(StateFileProbe.maximumBytes)"))
+        case let .refused(why):
+            return .failure(StorageProblem(code: "insecurePath", message: "TabSync refuses the state file: \(why)"))
+        case let .unreadable(why):
+            return .failure(StorageProblem(code: "unreadable", message: "The state file cannot be read: \(why)"))
+        }
+        do {
+            let backend = try FileBackend(directory: directory, name: name)
+            return .success(try SharedStorage(backend: backend, origin: origin))
+        } catch {
+            return .failure(StorageProblem(code: error.code.description, message: error.description))
+        }
+    }
+}
