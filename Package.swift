@@ -14,16 +14,11 @@ let package = Package(
     products: [
         .library(name: "TabSync", targets: ["TabSync"]),
         .library(name: "TabSyncAuth", targets: ["TabSyncAuth"]),
-        .executable(name: "tab", targets: ["tab"]),
-        .executable(name: "tabsync", targets: ["tabsync"]),
-        .executable(name: "tabsync-demo", targets: ["tabsync-demo"]),
-        .executable(name: "devtoken-server", targets: ["DevTokenServer"]),
     ],
     dependencies: [
+        // The libraries' one dependency. The examples, the demo and the dev token server are a
+        // package of their own (Examples/Package.swift), the benchmarks another (Benchmarks/).
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
-        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
-        .package(url: "https://github.com/apple/swift-crypto", from: "3.12.3"),
-        .package(url: "https://github.com/swhitty/FlyingFox", from: "0.27.1"),
     ],
     targets: [
         // libinotifytools, wrapped as a system library. Debian ships no .pc file for it.
@@ -52,45 +47,6 @@ let package = Package(
             ],
             swiftSettings: strictSettings
         ),
-        .executableTarget(
-            name: "tab",
-            dependencies: [
-                "TabSync",
-                "TabSyncAuth",
-                .product(name: "ArgumentParser", package: "swift-argument-parser"),
-            ],
-            path: "Examples/tab",
-            swiftSettings: strictSettings
-        ),
-        // The inspection tool: what a session directory holds, who holds its locks, what is wrong.
-        .executableTarget(
-            name: "tabsync",
-            dependencies: [
-                "TabSync",
-                "TabSyncAuth",
-                .product(name: "ArgumentParser", package: "swift-argument-parser"),
-            ],
-            path: "Examples/tabsync",
-            swiftSettings: strictSettings
-        ),
-        .executableTarget(
-            name: "tabsync-demo",
-            dependencies: [
-                .product(name: "ArgumentParser", package: "swift-argument-parser"),
-            ],
-            path: "Examples/tabsync-demo",
-            swiftSettings: strictSettings
-        ),
-        .executableTarget(
-            name: "DevTokenServer",
-            dependencies: [
-                .product(name: "FlyingFox", package: "FlyingFox"),
-                .product(name: "Crypto", package: "swift-crypto"),
-                .product(name: "ArgumentParser", package: "swift-argument-parser"),
-            ],
-            path: "Examples/DevTokenServer",
-            swiftSettings: strictSettings
-        ),
         .testTarget(
             name: "TabSyncTests",
             dependencies: ["TabSync"],
@@ -101,9 +57,10 @@ let package = Package(
             dependencies: ["TabSync", "TabSyncAuth"],
             swiftSettings: strictSettings
         ),
+        // Multi-process tests of the example executables, which scripts/test builds first
+        // (`swift build --package-path Examples`); Support/TabProcess.swift finds them.
         .testTarget(
             name: "IntegrationTests",
-            dependencies: ["tab", "tabsync", "DevTokenServer"],
             swiftSettings: strictSettings
         ),
     ]

@@ -9,14 +9,16 @@ import Testing
 import Glibc
 #endif
 
-/// The package's build products folder (the test bundle runs from it).
+/// Where the example executables (`tab`, `tabsync`, `devtoken-server`) are: the examples'
+/// package's debug build, which scripts/test makes first (`swift build --package-path Examples`),
+/// or `TABSYNC_EXAMPLES_BIN`.
 let productsDirectory: String = {
-    let executable = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
-    var url = URL(fileURLWithPath: executable).deletingLastPathComponent()
-    while !FileManager.default.fileExists(atPath: url.appendingPathComponent("tab").path), url.path != "/" {
-        url.deleteLastPathComponent()
+    let directory = ProcessInfo.processInfo.environment["TABSYNC_EXAMPLES_BIN"] ?? "\(repositoryRoot)/Examples/.build/debug"
+    if !FileManager.default.isExecutableFile(atPath: "\(directory)/tab") {
+        FileHandle.standardError.write(Data(
+            "IntegrationTests: no tab executable in \(directory); build the examples first (scripts/test does: swift build --package-path Examples), or set TABSYNC_EXAMPLES_BIN\n".utf8))
     }
-    return url.path
+    return directory
 }()
 
 let repositoryRoot: String = {
