@@ -125,6 +125,12 @@ struct Controller: Sendable {
             case "clear":
                 guard argument.isEmpty else { throw BadCommand("usage: clear") }
                 ok(command, sequence: try app.clear())
+            case "locks":
+                guard argument.isEmpty else { throw BadCommand("usage: locks") }
+                let reports = [("app", app.queryLocks()), ("session", session.storage.queryLocks())]
+                output.emit([("type", .string("locks")), ("locks", .array(reports.flatMap { storage, locks in
+                    locks.map { Self.describe($0, storage: storage) }
+                }))])
             case "login":
                 let parts = argument.split(separator: " ", maxSplits: 1).map(String.init)
                 guard parts.count == 2 else { throw BadCommand("usage: login USER PASSWORD") }
@@ -160,12 +166,12 @@ struct Controller: Sendable {
                     ("refreshing", status.refresh.map(Self.describe) ?? .null),
                 ])
             default:
-                throw BadCommand("unknown command '\(command)'; commands: set get remove clear login adopt token logout activity status quit")
+                throw BadCommand("unknown command '\(command)'; commands: set get remove clear locks login adopt token logout activity status quit")
             }
         } catch let error as BadCommand {
             failure(command, code: "badCommand", message: error.message)
         } catch let error as TabSyncError {
-            failure(command, code: Self.code(error), message: error.description)
+            failure(command, code: Self.code(error), message: error.description, holders: error.holders)
         } catch let error as AuthError {
             failure(command, code: Self.code(error), message: error.message, refresher: error.refresher)
         } catch is CancellationError {
@@ -173,6 +179,18 @@ struct Controller: Sendable {
         } catch {
             failure(command, code: "internal", message: "\(error)")
         }
+    }
+
+    /// One lock's holders and waiters, for `locks` and `lockTimeout` errors.
+    static func describe(_ report: LockReport, storage: String) -> JSON {
+        .object([
+            ("storage", .string(storage)), ("name", .string(report.name)), ("path", .string(report.path)),
+            ("holders", .array(report.holders.map(describe))), ("waiters", .int(Int64(report.waiters.count))),
+        ])
+    }
+
+    static func describe(_ holder: LockHolder) -> JSON {
+        .object([("pid", .int(Int64(holder.pid))), ("command", .string(holder.command)), ("state", .string(holder.state.rawValue))])
     }
 
     /// A refresh in progress, for `status` and `refreshTimeout` errors: never a token.
@@ -189,9 +207,10 @@ struct Controller: Sendable {
         output.emit(fields)
     }
 
-    private func failure(_ command: String, code: String, message: String, refresher: RefreshInProgress? = nil) {
+    private func failure(_ command: String, code: String, message: String, refresher: RefreshInProgress? = nil, holders: [LockHolder] = []) {
         output.emit([("type", .string("error")), ("cmd", .string(command)), ("code", .string(code)), ("message", .string(message))]
-            + (refresher.map { [("refresher", Self.describe($0))] } ?? []))
+            + (refresher.map { [("refresher", Self.describe($0))] } ?? [])
+            + (holders.isEmpty ? [] : [("holders", .array(holders.map(Self.describe)))]))
     }
 
     static func code(_ error: TabSyncError) -> String {
@@ -201,6 +220,7 @@ struct Controller: Sendable {
         case .unsupportedVersion: "unsupportedVersion"
         case .stateTooLarge: "stateTooLarge"
         case .insecurePath, .notRegularFile: "insecurePath"
+        case .lockTimeout: "lockTimeout"
         default: "storage"
         }
     }

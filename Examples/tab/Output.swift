@@ -12,6 +12,7 @@ enum JSON: Sendable {
     case bool(Bool)
     case null
     case object([(String, JSON)])
+    case array([JSON])
 
     static func from(_ text: String?) -> JSON { text.map(JSON.string) ?? .null }
     static func from(_ number: Int64?) -> JSON { number.map(JSON.int) ?? .null }
@@ -23,6 +24,7 @@ enum JSON: Sendable {
         case let .bool(value): return value ? "true" : "false"
         case .null: return "null"
         case let .object(fields): return "{" + fields.map { Self.quote($0.0) + ":" + $0.1.encoded }.joined(separator: ",") + "}"
+        case let .array(elements): return "[" + elements.map(\.encoded).joined(separator: ",") + "]"
         }
     }
 
@@ -90,7 +92,7 @@ final class Output: Sendable {
             case let .int(number): text = key == "expiresAt" ? Self.time(number) : String(number)
             case let .bool(flag): text = flag ? "yes" : "no"
             case .null: text = "-"
-            case .object: text = value.encoded
+            case .object, .array: text = Self.printable(value.encoded)
             }
             return "\(key)=\(text)"
         }.joined(separator: " ")

@@ -38,6 +38,9 @@ struct Tab: AsyncParsableCommand {
     @Option(help: "A file holding the OAuth client secret (its first line).")
     var clientSecretFile: String?
 
+    @Option(help: "The longest a change waits for the commit lock, in seconds (a stopped or hung process holding it).")
+    var lockTimeout: Double = 10
+
     @Option(help: "The timeout of one request to the authorization server, in seconds.")
     var httpTimeout: Double = 15
 
@@ -126,6 +129,7 @@ struct Tab: AsyncParsableCommand {
         let proactiveRefresh = proactiveRefresh.map { Self.duration($0, "--proactive-refresh") }
         let reuseGracePeriod = reuseGracePeriod.map { Self.duration($0, "--reuse-grace-period") }
         let httpTimeout = Self.duration(httpTimeout, "--http-timeout", maximum: 3600)
+        let lockTimeout = Self.duration(lockTimeout, "--lock-timeout", maximum: 3600)
         let clientSecret = Self.clientSecret(flag: clientSecret, file: clientSecretFile)
         guard !name.isEmpty, !name.contains(where: \.isNewline) else { Self.fail("--name must be a non-empty single line") }
         var client: OAuthClient?
@@ -152,8 +156,11 @@ struct Tab: AsyncParsableCommand {
         let app: SharedStorage
         let session: AuthSession
         do {
-            app = try SharedStorage(directory: dir, name: "app", origin: name)
+            var storageOptions = SharedStorage.Options()
+            storageOptions.lockTimeout = lockTimeout
+            app = try SharedStorage(directory: dir, name: "app", origin: name, options: storageOptions)
             var options = AuthSession.Options()
+            options.storage = storageOptions
             options.leeway = leeway
             options.proactiveRefresh = proactiveRefresh
             options.reuseGracePeriod = reuseGracePeriod

@@ -30,7 +30,17 @@ public struct StorageEvent: Sendable, Hashable {
     }
 }
 
-/// Why a ``SharedStorage/transaction(_:)`` with a closure of the caller's error type failed.
+/// What ``SharedStorage/observe()`` delivers: the values first, then every change after them.
+public enum Observation: Sendable {
+    /// The values as of `sequence`; always the first element.
+    case snapshot(values: [String: String], sequence: UInt64)
+    /// A change after the snapshot (this instance's own included).
+    case change(StorageEvent)
+    /// A problem outside any call (a corrupt file recovered, an unreadable state).
+    case problem(TabSyncError)
+}
+
+/// Why a `SharedStorage.transaction(_:)` with a closure of the caller's error type failed.
 public enum TransactionError<Failure: Error>: Error, CustomStringConvertible {
     /// The closure threw: nothing was committed.
     case aborted(Failure)
@@ -89,6 +99,11 @@ public final class SharedStorage: Sendable {
         public var journalLimits = JournalLimits()
         /// The polling interval, used only when inotify cannot serve.
         public var pollInterval: Duration = .milliseconds(250)
+        /// The longest a commit waits for the commit lock (another process committing, or one that
+        /// is stopped or hung while it holds it) before it fails with
+        /// ``TabSyncError/Code/lockTimeout`` naming the holder. A commit takes well under a
+        /// millisecond, so the default, 10 seconds, only ever passes when something is stuck.
+        public var lockTimeout: Duration = .seconds(10)
         /// Where TabSync logs. Values are never logged.
         public var logger = Logger(label: "TabSync", factory: { _ in SwiftLogNoOpLogHandler() })
 
@@ -133,7 +148,7 @@ public final class SharedStorage: Sendable {
         let backend = try FileBackend(
             directory: directory, name: name, durability: options.durability,
             maximumStateBytes: options.maximumStateBytes, journalLimits: options.journalLimits,
-            pollInterval: options.pollInterval)
+            pollInterval: options.pollInterval, lockTimeout: options.lockTimeout)
         try self.init(backend: backend, origin: origin, options: options)
     }
 
@@ -245,7 +260,7 @@ public final class SharedStorage: Sendable {
         }
     }
 
-    /// Like ``transaction(_:)``, for a closure that throws the caller's own error type: when
+    /// Like `transaction(_:)` (closure throwing `TabSyncError`), for a closure that throws the caller's own error type: when
     /// `body` throws, nothing is committed (the state stays as it was) and its error comes back
     /// as ``TransactionError/aborted(_:)``; a failure of the storage comes as
     /// ``TransactionError/storage(_:)``.
@@ -278,7 +293,7 @@ public final class SharedStorage: Sendable {
         }
     }
 
-    /// A read-modify-write in progress; see ``SharedStorage/transaction(_:)``.
+    /// A read-modify-write in progress; see `SharedStorage.transaction(_:)`.
     public struct Transaction: Sendable {
         fileprivate var document: StateDocument
         fileprivate let origin: String
@@ -309,6 +324,12 @@ public final class SharedStorage: Sendable {
         try backend.lock(named: name)
     }
 
+    /// Who holds and who waits for this storage's commit lock and its named locks, as the Web
+    /// Locks API's `query()`: holder pid, command and state (running, stopped, …).
+    public func queryLocks() -> [LockReport] {
+        backend.queryLocks()
+    }
+
     // MARK: Events
 
     /// Changes committed by other instances (and by this one with `includingOwnChanges`), in
@@ -321,6 +342,35 @@ public final class SharedStorage: Sendable {
         }
     }
 
+    /// The current values, then every change after them, with no gap and no duplicate (as GRDB's
+    /// `ValueObservation` starts with the current value): the first element is a
+    /// ``Observation/snapshot(values:sequence:)``, and each ``Observation/change(_:)`` after it
+    /// has a higher sequence number than the snapshot. This instance's own changes are included.
+    ///
+    /// ```swift
+    /// for await observation in storage.observe() {
+    ///     switch observation {
+    ///     case let .snapshot(values, _): render(values)
+    ///     case let .change(event): apply(event)
+    ///     case let .problem(error): report(error)
+    ///     }
+    /// }
+    /// ```
+    public func observe() -> AsyncStream<Observation> {
+        catchUp()
+        return AsyncStream { continuation in
+            subscribe(includeOwn: true, continuation: continuation, first: { position in
+                continuation.yield(.snapshot(values: position?.values ?? [:], sequence: position?.sequence ?? 0))
+            }) { notification in
+                switch notification {
+                case let .change(event): continuation.yield(.change(event))
+                case let .problem(error): continuation.yield(.problem(error))
+                case .detectionChanged: break
+                }
+            }
+        }
+    }
+
     /// Changes, problems and detection changes, from now on.
     public func notifications(includingOwnChanges: Bool = false) -> AsyncStream<StorageNotification> {
         AsyncStream { continuation in
@@ -328,9 +378,15 @@ public final class SharedStorage: Sendable {
         }
     }
 
-    private func subscribe<Element>(includeOwn: Bool, continuation: AsyncStream<Element>.Continuation, deliver: @escaping @Sendable (StorageNotification) -> Void) {
+    /// `first` runs under the delivery lock with the position delivered so far, before any change
+    /// can reach the new subscriber: what it sees and what follows meet without a gap.
+    private func subscribe<Element>(
+        includeOwn: Bool, continuation: AsyncStream<Element>.Continuation, first: (StateDocument?) -> Void = { _ in },
+        deliver: @escaping @Sendable (StorageNotification) -> Void
+    ) {
         let id: UInt64? = delivery.withLock { delivery in
             guard !delivery.closed else { return nil }
+            first(delivery.position)
             let id = delivery.nextSubscriber
             delivery.nextSubscriber += 1
             delivery.subscribers[id] = Subscriber(includeOwn: includeOwn, deliver: deliver, finish: { continuation.finish() })

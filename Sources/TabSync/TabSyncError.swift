@@ -26,6 +26,7 @@ public struct TabSyncError: Error, Sendable, Hashable, CustomStringConvertible {
             case io
             case closed
             case watcherUnavailable
+            case lockTimeout
         }
 
         let kind: Kind
@@ -50,6 +51,9 @@ public struct TabSyncError: Error, Sendable, Hashable, CustomStringConvertible {
         public static let closed = Code(kind: .closed)
         /// inotify could not be used; TabSync fell back to polling.
         public static let watcherUnavailable = Code(kind: .watcherUnavailable)
+        /// A lock was not free within its timeout (``SharedStorage/Options/lockTimeout``,
+        /// ``SessionLock/acquire(timeout:)``); ``TabSyncError/holders`` names who holds it.
+        public static let lockTimeout = Code(kind: .lockTimeout)
 
         public var description: String { kind.rawValue }
     }
@@ -62,12 +66,15 @@ public struct TabSyncError: Error, Sendable, Hashable, CustomStringConvertible {
     public var message: String
     /// The system error under this one, when a system call failed.
     public var errno: Errno?
+    /// With ``Code/lockTimeout``: the processes that held the lock when the wait gave up.
+    public var holders: [LockHolder]
 
-    public init(code: Code, path: String?, message: String, errno: Errno? = nil) {
+    public init(code: Code, path: String?, message: String, errno: Errno? = nil, holders: [LockHolder] = []) {
         self.code = code
         self.path = path
         self.message = message
         self.errno = errno
+        self.holders = holders
     }
 
     public var description: String {

@@ -79,27 +79,6 @@ public struct RefreshInProgress: Sendable, Hashable {
     }
 }
 
-/// A process's scheduling state, from `/proc/PID/stat`.
-public enum ProcessState: String, Sendable, Hashable {
-    case running, sleeping, stopped, zombie, gone, unknown
-
-    public init(pid: Int32) {
-        guard pid > 0, let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8) else { self = .gone; return }
-        // The state is the field after the command name, which may contain spaces and ')'.
-        guard let close = stat.lastIndex(of: ")"), let state = stat[stat.index(after: close)...].split(separator: " ").first else {
-            self = .unknown
-            return
-        }
-        switch state {
-        case "R": self = .running
-        case "S", "D", "I": self = .sleeping
-        case "T", "t": self = .stopped
-        case "Z", "X": self = .zombie
-        default: self = .unknown
-        }
-    }
-}
-
 /// One signed-in session shared by every process of an app (docs in README, "Auth session").
 ///
 /// - ``accessToken()`` returns a token valid for at least the leeway. When it must be refreshed,

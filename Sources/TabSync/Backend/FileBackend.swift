@@ -84,13 +84,17 @@ public final class FileBackend: StorageBackend {
     private let cache = Mutex(Cache())
     /// Serialises commits of this instance; the flock serialises processes and instances.
     private let commitGate = Mutex(())
+    /// The thread inside `commit`, to refuse a commit from inside a commit instead of deadlocking.
+    private let committingThread = Atomic<UInt>(0)
+    let lockTimeout: Duration
 
     /// Opens the storage `name` in `directory`, creating its state file when missing.
     public init(
         directory: SessionDirectory, name: String, durability: Durability = .file,
         maximumStateBytes: Int = 16 << 20, journalLimits: JournalLimits = JournalLimits(),
-        pollInterval: Duration = .milliseconds(250)
+        pollInterval: Duration = .milliseconds(250), lockTimeout: Duration = .seconds(10)
     ) throws(TabSyncError) {
+        self.lockTimeout = lockTimeout
         try Self.validate(name: name, what: "storage name")
         self.directory = directory
         self.name = name
@@ -189,10 +193,16 @@ public final class FileBackend: StorageBackend {
     // MARK: Committing
 
     public func commit<Result>(_ body: (inout StateDocument) throws(TabSyncError) -> Result) throws(TabSyncError) -> Result {
-        try commitGate.withLock { _ throws(TabSyncError) in
-            guard let hold = try commitLock.take(blocking: true) else {
-                throw TabSyncError(code: .io, path: directory.path(of: commitLock.fileName), message: "The commit lock could not be taken")
-            }
+        let thread = UInt(bitPattern: Int(bitPattern: UInt(pthread_self())))
+        if committingThread.load(ordering: .acquiring) == thread {
+            throw TabSyncError(
+                code: .invalidArgument, path: location,
+                message: "A change was made from inside update or transaction on the same storage; make it inside the closure (Transaction.set) instead")
+        }
+        return try commitGate.withLock { _ throws(TabSyncError) in
+            committingThread.store(thread, ordering: .releasing)
+            defer { committingThread.store(0, ordering: .releasing) }
+            let hold = try commitLock.acquireBlocking(timeout: lockTimeout)
             defer { hold.release() }
             var (document, source, mustWrite) = try readLocked()
             if document.sequence > StateDocument.maximumSequence - (1 << 24) {
@@ -334,6 +344,22 @@ public final class FileBackend: StorageBackend {
 
     public func lock(named name: String) throws(TabSyncError) -> any SessionLock {
         try FileLock(directory: directory, name: "\(self.name).\(name)")
+    }
+
+    /// The commit lock first, then this storage's named locks (`NAME.*.lock`), by name.
+    public func queryLocks() -> [LockReport] {
+        var reports = [commitLock.query()]
+        let prefix = name + ".", suffix = ".lock"
+        let names = ((try? FileManager.default.contentsOfDirectory(atPath: directory.path)) ?? [])
+            .filter { $0.hasPrefix(prefix) && $0.hasSuffix(suffix) && $0.count > prefix.count + suffix.count }.sorted()
+        for file in names {
+            if let lock = try? FileLock(directory: directory, name: String(file.dropLast(suffix.count))) {
+                var report = lock.query()
+                report.name = String(file.dropFirst(prefix.count).dropLast(suffix.count))
+                reports.append(report)
+            }
+        }
+        return reports
     }
 
 }

@@ -8,7 +8,7 @@ import Glibc
 /// An exclusive lock on `NAME.lock` in a session directory, with `flock(2)`.
 ///
 /// Each acquisition opens its own descriptor, so two holders in one process exclude each other
-/// just as two processes do. The kernel releases the lock when its holder dies, however it dies.
+/// just as two processes do. Waits are bounded, cancellable and hold no thread (they poll). The kernel releases the lock when its holder dies, however it dies.
 /// A lock file that was replaced while waiting (unlinked and created again) is detected after
 /// locking, and the lock is taken again on the new file.
 public final class FileLock: SessionLock {
@@ -27,27 +27,59 @@ public final class FileLock: SessionLock {
         try take(blocking: false)
     }
 
-    public func acquire() async throws -> any SessionLockHold {
-        if let hold = try take(blocking: false) { return hold }
-        let waiter = Waiter()
-        return try await withTaskCancellationHandler {
-            try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<any SessionLockHold, any Error>) in
-                guard waiter.start(continuation) else { return }
-                let thread = Thread { [self] in
-                    let result: Result<any SessionLockHold, any Error>
-                    do throws(TabSyncError) {
-                        result = .success(try take(blocking: true)!)
-                    } catch {
-                        result = .failure(error)
-                    }
-                    waiter.finish(result)
-                }
-                thread.name = "TabSync.FileLock(\(name))"
-                thread.start()
-            }
-        } onCancel: {
-            waiter.cancel()
+    /// Polls `flock(LOCK_NB)` between sleeps of 1 ms growing to 20 ms, so that a waiter holds no
+    /// thread and any number of waiters cost no more threads than none; cancellation and the
+    /// timeout are seen within one sleep.
+    public func acquire(timeout: Duration?) async throws -> any SessionLockHold {
+        let started = ContinuousClock.now
+        var pause = Duration.milliseconds(1)
+        while true {
+            try Task.checkCancellation()
+            if let hold = try take(blocking: false) { return hold }
+            let waited = ContinuousClock.now - started
+            if let timeout, waited >= timeout { throw timedOut(after: waited) }
+            let remaining = timeout.map { $0 - waited } ?? pause
+            try await Task.sleep(for: min(pause, remaining))
+            pause = min(pause * 2, .milliseconds(20))
         }
+    }
+
+    /// The same wait, blocking the calling thread (for the synchronous commit path). Bounded by
+    /// `timeout`; sleeps of 0.1 ms growing to 10 ms.
+    func acquireBlocking(timeout: Duration) throws(TabSyncError) -> FileLockHold {
+        let started = ContinuousClock.now
+        var pause: UInt32 = 100
+        while true {
+            if let hold = try take(blocking: false) { return hold }
+            let waited = ContinuousClock.now - started
+            if waited >= timeout { throw timedOut(after: waited) }
+            usleep(pause)
+            pause = min(pause * 2, 10_000)
+        }
+    }
+
+    public func query() -> LockReport {
+        let path = directory.path(of: fileName)
+        var info = stat()
+        guard fstatat(directory.descriptor, fileName, &info, AT_SYMLINK_NOFOLLOW) == 0 else {
+            return LockReport(name: name, path: path, holders: [], waiters: [])
+        }
+        let (holders, waiters) = Proc.locks(device: UInt64(info.st_dev), inode: UInt64(info.st_ino))
+        return LockReport(name: name, path: path, holders: holders.map(LockHolder.init), waiters: waiters.map(LockHolder.init))
+    }
+
+    /// The timeout's error, in the manner of PostgreSQL's lock-timeout report: what was waited
+    /// for, how long, and who holds it.
+    func timedOut(after waited: Duration) -> TabSyncError {
+        let report = query()
+        let seconds = Double(waited.components.seconds) + Double(waited.components.attoseconds) / 1e18
+        let holder = report.holders.isEmpty
+            ? "the holder could not be identified (it may have just released it)"
+            : "it is held by " + report.holders.map(\.description).joined(separator: ", ")
+        return TabSyncError(
+            code: .lockTimeout, path: report.path,
+            message: "Gave up waiting for the lock '\(name)' after \(String(format: "%.1f", seconds)) s (lock timeout); \(holder)",
+            holders: report.holders)
     }
 
     /// Opens the lock file and flocks it. Returns nil when not blocking and it is held elsewhere.
@@ -70,52 +102,6 @@ public final class FileLock: SessionLock {
                 return FileLockHold(descriptor: fd)
             }
             close(fd)
-        }
-    }
-
-    /// Hands the outcome of a blocking acquisition to the awaiting task, or releases the lock
-    /// at once when that task was cancelled meanwhile.
-    private final class Waiter: Sendable {
-        private enum State {
-            case idle
-            case waiting(CheckedContinuation<any SessionLockHold, any Error>)
-            case cancelled
-            case done
-        }
-
-        private let state = Mutex(State.idle)
-
-        /// Returns false when the task was cancelled before waiting began.
-        func start(_ continuation: CheckedContinuation<any SessionLockHold, any Error>) -> Bool {
-            let proceed = state.withLock { state in
-                if case .cancelled = state { return false }
-                state = .waiting(continuation)
-                return true
-            }
-            if !proceed { continuation.resume(throwing: CancellationError()) }
-            return proceed
-        }
-
-        func cancel() {
-            let continuation = state.withLock { state -> CheckedContinuation<any SessionLockHold, any Error>? in
-                defer { state = .cancelled }
-                if case let .waiting(continuation) = state { return continuation }
-                return nil
-            }
-            continuation?.resume(throwing: CancellationError())
-        }
-
-        func finish(_ result: Result<any SessionLockHold, any Error>) {
-            let continuation = state.withLock { state -> CheckedContinuation<any SessionLockHold, any Error>? in
-                defer { state = .done }
-                if case let .waiting(continuation) = state { return continuation }
-                return nil
-            }
-            if let continuation {
-                continuation.resume(with: result)
-            } else if case let .success(hold) = result {
-                hold.release()
-            }
         }
     }
 }

@@ -23,6 +23,14 @@ public protocol StorageBackend: Sendable {
 
     /// A named lock shared by every process of the session (the Web Locks idea).
     func lock(named name: String) throws(TabSyncError) -> any SessionLock
+
+    /// Who holds and who waits for the commit lock and the named locks (the Web Locks API's
+    /// `query()`): the commit lock first, named `name` of the storage.
+    func queryLocks() -> [LockReport]
+}
+
+extension StorageBackend {
+    public func queryLocks() -> [LockReport] { [] }
 }
 
 /// What a backend's watch reports.
@@ -45,9 +53,21 @@ public protocol SessionLock: Sendable {
     var name: String { get }
     /// Takes the lock if it is free. Returns nil when another holder has it.
     func tryAcquire() throws(TabSyncError) -> (any SessionLockHold)?
-    /// Waits until the lock is free and takes it. Waiting does not occupy a Swift concurrency
-    /// thread. Cancelling the task stops waiting and throws `CancellationError`.
-    func acquire() async throws -> any SessionLockHold
+    /// Waits until the lock is free and takes it, for at most `timeout` (nil: no bound). Waiting
+    /// does not occupy a Swift concurrency thread, nor a thread of its own. Throws
+    /// `CancellationError` within milliseconds when the task is cancelled, and a
+    /// ``TabSyncError`` with ``TabSyncError/Code/lockTimeout`` naming the holder when the
+    /// timeout passes.
+    func acquire(timeout: Duration?) async throws -> any SessionLockHold
+    /// Who holds the lock and who waits for it.
+    func query() -> LockReport
+}
+
+extension SessionLock {
+    /// Waits until the lock is free and takes it, with no bound; see ``acquire(timeout:)``.
+    public func acquire() async throws -> any SessionLockHold {
+        try await acquire(timeout: nil)
+    }
 }
 
 /// A held lock. Releasing is idempotent; a hold that is dropped without release is released.

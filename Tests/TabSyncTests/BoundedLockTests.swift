@@ -1,0 +1,123 @@
+import Foundation
+import Synchronization
+import Testing
+@testable import TabSync
+
+/// Issue 12, in part: lock waits with a bound, waiters that hold no thread, a holder you can
+/// see, re-entrant commits refused, and observation without a gap.
+@Suite(.timeLimit(.minutes(1)))
+struct BoundedLockTests {
+    static func threadCount() -> Int {
+        let status = (try? String(contentsOfFile: "/proc/self/status", encoding: .utf8)) ?? ""
+        return status.split(separator: "\n").first { $0.hasPrefix("Threads:") }
+            .flatMap { Int($0.split(separator: "\t").last ?? "") } ?? -1
+    }
+
+    @Test func aNamedLockWaitEndsAtItsTimeoutNamingTheHolder() async throws {
+        let directory = TemporaryDirectory()
+        let storage = try SharedStorage(directory: directory.path, origin: "a")
+        let lock = try storage.lock(named: "job")
+        let hold = try #require(try lock.tryAcquire())
+        defer { hold.release() }
+        let started = ContinuousClock.now
+        await #expect {
+            _ = try await lock.acquire(timeout: .milliseconds(300))
+        } throws: { error in
+            let error = error as? TabSyncError
+            return error?.code == .lockTimeout && error?.holders.map(\.pid) == [getpid()]
+                && error?.message.contains("job") == true && error?.path?.hasSuffix("storage.job.lock") == true
+        }
+        #expect(ContinuousClock.now - started < .seconds(2))
+        let report = try #require(storage.queryLocks().first { $0.name == "job" })
+        #expect(report.holders.map(\.pid) == [getpid()])
+        #expect(report.holders.first?.state == .running || report.holders.first?.state == .sleeping)
+    }
+
+    @Test func sixtyFourWaitersUseNoThreadsAndCancelledWaitersReturnAtOnceHoldingNothing() async throws {
+        let directory = TemporaryDirectory()
+        let storage = try SharedStorage(directory: directory.path, origin: "a")
+        let lock = try storage.lock(named: "job")
+        let hold = try #require(try lock.tryAcquire())
+        let before = Self.threadCount()
+        let waiters = (0..<64).map { _ in Task { try await lock.acquire() } }
+        try await Task.sleep(for: .milliseconds(200))
+        let during = Self.threadCount()
+        // The cooperative pool may grow to its size (the number of cores); the waiters add none.
+        #expect(during - before <= ProcessInfo.processInfo.activeProcessorCount + 2, "threads \(before) → \(during)")
+        let cancelledAt = ContinuousClock.now
+        for waiter in waiters { waiter.cancel() }
+        for waiter in waiters {
+            await #expect(throws: CancellationError.self) { _ = try await waiter.value }
+        }
+        #expect(ContinuousClock.now - cancelledAt < .milliseconds(250))
+        hold.release()
+        // Nobody took it meanwhile.
+        let again = try #require(try lock.tryAcquire(), "a cancelled waiter holds the lock")
+        again.release()
+    }
+
+    @Test func aCommitWaitsForTheCommitLockAtMostTheLockTimeout() throws {
+        let directory = TemporaryDirectory()
+        var options = SharedStorage.Options()
+        options.lockTimeout = .milliseconds(300)
+        let storage = try SharedStorage(directory: directory.path, origin: "a", options: options)
+        let commitLock = try FileLock(directory: SessionDirectory(path: directory.path), name: "storage")
+        let hold = try #require(try commitLock.tryAcquire())
+        defer { hold.release() }
+        let started = ContinuousClock.now
+        #expect {
+            try storage.set("k", "v")
+        } throws: { error in
+            let error = error as? TabSyncError
+            return error?.code == .lockTimeout && error?.holders.map(\.pid) == [getpid()]
+        }
+        #expect(ContinuousClock.now - started < .seconds(2))
+        hold.release()
+        #expect(try storage.set("k", "v") > 0)
+    }
+
+    @Test func aCommitFromInsideUpdateIsAnErrorNotACrash() throws {
+        let directory = TemporaryDirectory()
+        let storage = try SharedStorage(directory: directory.path, origin: "a")
+        let inner = Mutex<TabSyncError?>(nil)
+        try storage.update { values in
+            values["outer"] = "1"
+            do throws(TabSyncError) {
+                _ = try storage.set("inner", "2")
+            } catch {
+                inner.withLock { $0 = error }
+            }
+        }
+        #expect(inner.withLock { $0?.code } == .invalidArgument)
+        #expect(try storage.get("outer") == "1")
+        #expect(try storage.get("inner") == nil)
+    }
+
+    @Test func observationStartsWithTheValuesAndMissesNoChangeAfterThem() async throws {
+        let directory = TemporaryDirectory()
+        let writer = try SharedStorage(directory: directory.path, origin: "writer")
+        let reader = try SharedStorage(directory: directory.path, origin: "reader")
+        for index in 0..<50 { try writer.set("k\(index % 7)", "\(index)") }
+        let writing = Task.detached {
+            for index in 50..<250 { _ = try writer.set("k\(index % 7)", "\(index)") }
+        }
+        try await Task.sleep(for: .milliseconds(5))
+        var iterator = reader.observe().makeAsyncIterator()
+        guard case let .snapshot(values, start)? = await iterator.next() else {
+            Issue.record("the first element is not a snapshot")
+            return
+        }
+        try await writing.value
+        var expected = start + 1
+        var state = values
+        let deadline = ContinuousClock.now + .seconds(20)
+        while expected <= 250, ContinuousClock.now < deadline {
+            guard case let .change(event)? = await iterator.next() else { continue }
+            #expect(event.sequence == expected, "a gap or a duplicate after \(expected - 1)")
+            expected = event.sequence + 1
+            if let key = event.key { state[key] = event.newValue }
+        }
+        #expect(expected == 251)
+        #expect(state == (try writer.snapshot().values))
+    }
+}
