@@ -141,6 +141,9 @@ public final class SharedStorage: Sendable {
     /// held: a subscriber's stream may end (and its termination handler take `delivery`) during a
     /// hand-over, which must not deadlock.
     private let deliveryOrder = Mutex(())
+    /// Where the catch-ups that may wait (recovery under the commit lock) run, off the watcher.
+    private let slowLane = DispatchQueue(label: "TabSync.SharedStorage.catchUp")
+    private let catchUpPending = Atomic<Bool>(false)
 
     /// Opens the storage `name` in the session directory at `path`, creating both when missing.
     public convenience init(directory path: String, name: String = "storage", origin: String, options: Options = Options()) throws(TabSyncError) {
@@ -162,7 +165,7 @@ public final class SharedStorage: Sendable {
         let watch = backend.watch { [weak self] signal in
             guard let self else { return }
             switch signal {
-            case .mayHaveChanged: catchUp()
+            case .mayHaveChanged: catchUpFromWatcher()
             case let .detectionChanged(detection): changeDetection(to: detection)
             }
         }
@@ -406,21 +409,50 @@ public final class SharedStorage: Sendable {
     /// Reads the state and delivers what changed since the last delivery. Called on every
     /// change notification; safe to call at any time (a spurious call costs one `fstat`).
     public func catchUp() {
-        deliveryOrder.withLock { _ in catchUpInOrder() }
+        deliveryOrder.withLock { _ in _ = catchUpInOrder(recovering: true) }
     }
 
-    private func catchUpInOrder() {
+    /// The watcher thread's catch-up: it never waits for a lock and never recovers a file, so
+    /// that a stuck storage (a corrupt file whose recovery waits for a held lock, a slow disk)
+    /// delays no other storage's events nor another directory's registration. Such work goes to
+    /// this storage's own queue.
+    private func catchUpFromWatcher() {
+        let done = deliveryOrder.withLockIfAvailable { _ in catchUpInOrder(recovering: false) }
+        if done != true { catchUpLater() }
+    }
+
+    /// A catch-up (with recovery) on this storage's own queue; requests that pile up while one
+    /// is pending are one.
+    private func catchUpLater() {
+        guard !catchUpPending.exchange(true, ordering: .acquiringAndReleasing) else { return }
+        slowLane.async { [weak self] in
+            self?.catchUpPending.store(false, ordering: .releasing)
+            self?.catchUp()
+        }
+    }
+
+    /// Returns true when it delivered (or there was nothing to deliver), false when the state
+    /// needs a recovery that `recovering: false` leaves to ``catchUpLater()``.
+    @discardableResult
+    private func catchUpInOrder(recovering: Bool) -> Bool {
         let document: StateDocument
         do {
-            document = try backend.load()
+            if recovering {
+                document = try backend.load()
+            } else if let file = backend as? FileBackend {
+                guard let loaded = try file.loadWithoutRecovery() else { return false }
+                document = loaded
+            } else {
+                document = try backend.load()
+            }
         } catch {
             report(error)
-            return
+            return true
         }
         // A missing state file (deleted by someone) is no change: the next commit creates a new
         // store, and this instance resynchronises to it then. Delivering it as "every key removed"
         // would send the sequence number back to 0.
-        guard !document.storeID.isEmpty else { return }
+        guard !document.storeID.isEmpty else { return true }
         let (events, subscribers, recovered) = delivery.withLock { delivery -> ([StorageEvent], [Subscriber], TabSyncError?) in
             delivery.lastProblem = nil
             guard let position = delivery.position, !delivery.closed else { return ([], [], nil) }
@@ -433,13 +465,14 @@ public final class SharedStorage: Sendable {
             }
             return (events, Array(delivery.subscribers.values), recovered)
         }
+        defer { if let recovered { report(recovered) } }
         // Handed over outside `delivery` (see deliveryOrder), in sequence order.
         for event in events {
             for subscriber in subscribers where !event.isOwn || subscriber.includeOwn {
                 subscriber.deliver(.change(event))
             }
         }
-        if let recovered { report(recovered) }
+        return true
     }
 
     /// The events that lead from `position` to `document`: the journal's entries when it

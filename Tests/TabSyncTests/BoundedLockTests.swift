@@ -121,3 +121,44 @@ struct BoundedLockTests {
         #expect(state == (try writer.snapshot().values))
     }
 }
+
+/// Issue 12, in part: the process-wide watcher thread waits for no lock and recovers no file.
+@Suite(.timeLimit(.minutes(1)))
+struct WatcherNeverStallsTests {
+    @Test func aCorruptStorageWhoseLockIsHeldDelaysNoOtherStorage() async throws {
+        let directory = TemporaryDirectory()
+        let stuckReader = try SharedStorage(directory: directory.path, name: "stuck", origin: "reader")
+        let otherReader = try SharedStorage(directory: directory.path, name: "other", origin: "reader")
+        let otherWriter = try SharedStorage(directory: directory.path, name: "other", origin: "writer")
+        let stuckEvents = stuckReader.notifications()
+        var otherEvents = otherReader.events().makeAsyncIterator()
+        // The stuck storage's commit lock is held, and its file turns corrupt: recovering it
+        // would wait for the lock (10 s by default).
+        let commitLock = try FileLock(directory: SessionDirectory(path: directory.path), name: "stuck")
+        let hold = try #require(try commitLock.tryAcquire())
+        defer { hold.release() }
+        try Data("TABSYNC garbage\n{".utf8).write(to: URL(fileURLWithPath: directory.file("stuck.state")))
+        try await Task.sleep(for: .milliseconds(50))  // the watcher has seen the corrupt file
+        let started = ContinuousClock.now
+        try otherWriter.set("k", "v")
+        let event = await otherEvents.next()
+        #expect(event?.key == "k")
+        #expect(ContinuousClock.now - started < .seconds(1), "another storage's event waited for the stuck one")
+        // Opening a storage in an unrelated directory does not wait either.
+        let unrelated = TemporaryDirectory()
+        let opened = ContinuousClock.now
+        _ = try SharedStorage(directory: unrelated.path, origin: "x")
+        #expect(ContinuousClock.now - opened < .seconds(1))
+        hold.release()
+        // Once the lock is free the stuck storage recovers and reports it.
+        var iterator = stuckEvents.makeAsyncIterator()
+        let deadline = ContinuousClock.now + .seconds(20)
+        var reported = false
+        while !reported, ContinuousClock.now < deadline {
+            stuckReader.catchUp()
+            if case .problem(let error)? = await iterator.next() { reported = error.code == .corruptState }
+        }
+        #expect(reported)
+        withExtendedLifetime(stuckReader) {}
+    }
+}

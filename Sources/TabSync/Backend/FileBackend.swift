@@ -134,6 +134,15 @@ public final class FileBackend: StorageBackend {
         }
     }
 
+    /// Reads the state; nil when it is corrupt and needs a recovery (which takes the commit lock).
+    func loadWithoutRecovery() throws(TabSyncError) -> StateDocument? {
+        do {
+            return try read().document
+        } catch where error.code == .corruptState {
+            return nil
+        }
+    }
+
     /// Reads the state file; an unchanged file (same inode, size and times) is not read again.
     /// A missing file reads as an empty state with no store identifier. Also returns the file's
     /// header line (empty for a missing file), which tells the file apart from others.
