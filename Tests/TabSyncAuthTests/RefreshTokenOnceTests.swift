@@ -210,8 +210,9 @@ struct BoundedWaitTests {
         let outcome = await cancelled.result
         let took = ContinuousClock.now - cancelledAt
         #expect(throws: CancellationError.self) { try outcome.get() }
-        // The goal is 100 ms; a shared, loaded machine gets some slack.
-        #expect(took < .milliseconds(250), "the cancelled call took \(took)")
+        // The goal is 100 ms (it takes about 1 ms); the bound allows for a test run that loads both
+        // cores, and still fails for a wait that lasts the refresh (2 s).
+        #expect(took < .seconds(1), "the cancelled call took \(took)")
         let token = try await other.value
         #expect(token.refreshedHere)
         #expect(server.refreshCount == 1)

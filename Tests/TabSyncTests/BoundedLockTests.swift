@@ -7,10 +7,10 @@ import Testing
 /// see, re-entrant commits refused, and observation without a gap.
 @Suite(.timeLimit(.minutes(1)))
 struct BoundedLockTests {
-    static func threadCount() -> Int {
-        let status = (try? String(contentsOfFile: "/proc/self/status", encoding: .utf8)) ?? ""
-        return status.split(separator: "\n").first { $0.hasPrefix("Threads:") }
-            .flatMap { Int($0.split(separator: "\t").last ?? "") } ?? -1
+    /// The names of this process's threads (`/proc/self/task/*/comm`).
+    static func threadNames() -> [String] {
+        let tasks = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/task")) ?? []
+        return tasks.compactMap { try? String(contentsOfFile: "/proc/self/task/\($0)/comm", encoding: .utf8) }
     }
 
     @Test func aNamedLockWaitEndsAtItsTimeoutNamingTheHolder() async throws {
@@ -27,7 +27,8 @@ struct BoundedLockTests {
             return error?.code == .lockTimeout && error?.holders.map(\.pid) == [getpid()]
                 && error?.message.contains("job") == true && error?.path?.hasSuffix("storage.job.lock") == true
         }
-        #expect(ContinuousClock.now - started < .seconds(2))
+        // The timeout is 0.3 s; the bound allows for a test run that loads both cores.
+        #expect(ContinuousClock.now - started < .seconds(10))
         let report = try #require(storage.queryLocks().first { $0.name == "job" })
         #expect(report.holders.map(\.pid) == [getpid()])
         #expect(report.holders.first?.state == .running || report.holders.first?.state == .sleeping)
@@ -38,18 +39,20 @@ struct BoundedLockTests {
         let storage = try SharedStorage(directory: directory.path, origin: "a")
         let lock = try storage.lock(named: "job")
         let hold = try #require(try lock.tryAcquire())
-        let before = Self.threadCount()
+        let before = Self.threadNames().count
         let waiters = (0..<64).map { _ in Task { try await lock.acquire() } }
         try await Task.sleep(for: .milliseconds(200))
-        let during = Self.threadCount()
-        // The cooperative pool may grow to its size (the number of cores); the waiters add none.
-        #expect(during - before <= ProcessInfo.processInfo.activeProcessorCount + 2, "threads \(before) → \(during)")
+        let during = Self.threadNames()
+        // A thread per waiter (as a blocking flock needs) would add 64, named after the lock.
+        // Other suites run meanwhile and start threads of their own, hence the loose count.
+        #expect(during.filter { $0.hasPrefix("TabSync.FileLoc") }.isEmpty)
+        #expect(during.count - before < 40, "threads \(before) → \(during.count)")
         let cancelledAt = ContinuousClock.now
         for waiter in waiters { waiter.cancel() }
         for waiter in waiters {
             await #expect(throws: CancellationError.self) { _ = try await waiter.value }
         }
-        #expect(ContinuousClock.now - cancelledAt < .milliseconds(250))
+        #expect(ContinuousClock.now - cancelledAt < .seconds(2))
         hold.release()
         // Nobody took it meanwhile.
         let again = try #require(try lock.tryAcquire(), "a cancelled waiter holds the lock")
