@@ -396,7 +396,12 @@ public final class AuthSession: Sendable {
         let limit = refreshWaitLimit
         return await withTaskGroup(of: Wait?.self) { group in
             group.addTask {
-                (try? await lock.acquire()).map(Wait.locked)
+                // The outcome normally comes as a storage event; the lock matters only when its
+                // holder died without one, so it is looked at ten times a second, not raced for.
+                while true {
+                    do { try await Task.sleep(for: .milliseconds(100)) } catch { return nil }
+                    if let hold = try? lock.tryAcquire() { return .locked(hold) }
+                }
             }
             group.addTask {
                 for await event in changes where event.key == SessionRecord.key || event.key == nil {

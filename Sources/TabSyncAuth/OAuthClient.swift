@@ -80,9 +80,18 @@ public struct HTTPRequestNotSent: Error, Sendable {
     public init(reason: String) { self.reason = reason }
 }
 
-/// HTTP through URLSession (FoundationNetworking, libcurl underneath).
+/// HTTP through URLSession (FoundationNetworking, libcurl underneath). One URLSession per
+/// transport, reused for every request: setting one up costs milliseconds, which a refresh storm
+/// would otherwise pay on its critical path.
 public struct URLSessionTransport: HTTPTransport {
-    public init() {}
+    private let session: URLSession
+
+    public init() {
+        let configuration = URLSessionConfiguration.ephemeral
+        configuration.urlCache = nil
+        configuration.httpCookieStorage = nil
+        session = URLSession(configuration: configuration)
+    }
 
     public func send(_ request: HTTPExchange) async throws -> (status: Int, body: Data) {
         var urlRequest = URLRequest(url: request.url)
@@ -91,10 +100,6 @@ public struct URLSessionTransport: HTTPTransport {
         let (seconds, attoseconds) = request.timeout.components
         urlRequest.timeoutInterval = Double(seconds) + Double(attoseconds) / 1e18
         for (name, value) in request.headers { urlRequest.setValue(value, forHTTPHeaderField: name) }
-        let configuration = URLSessionConfiguration.ephemeral
-        configuration.urlCache = nil
-        let session = URLSession(configuration: configuration)
-        defer { session.finishTasksAndInvalidate() }
         let (data, response) = try await session.data(for: urlRequest)
         return ((response as? HTTPURLResponse)?.statusCode ?? 0, data)
     }
