@@ -56,6 +56,8 @@ final class ChangeWatcher: Sendable {
         let directory: SessionDirectory
         let names: Set<String>
         let handler: Handler
+        /// The storage's `Options.pollInterval`, used if inotify stops serving it.
+        let pollInterval: Duration
         var watch: Int32?
     }
 
@@ -84,7 +86,8 @@ final class ChangeWatcher: Sendable {
         /// The watch of each directory (device, inode): one per directory, however many
         /// registrations and descriptors it has.
         var watchOfDirectory: [DirectoryKey: Int32] = [:]
-        /// Set once inotify itself failed in this process; later registrations poll at once.
+        /// Why inotify itself last failed in this process. Later registrations try it again
+        /// (the cause, such as exhausted instances, may be gone); those that fail poll.
         var unavailable: String?
     }
 
@@ -108,21 +111,17 @@ final class ChangeWatcher: Sendable {
         }
         let done = DispatchSemaphore(value: 0)
         let outcome = Mutex<Result<Int32, TabSyncError>?>(nil)
-        let start: (UInt64, Bool, String?) = state.withLock { state in
-            if let reason = state.unavailable { return (0, false, reason) }
+        let start: (UInt64, Bool) = state.withLock { state in
             let id = state.nextID
             state.nextID += 1
-            state.registrations[id] = Registration(id: id, directory: directory, names: names, handler: handler)
+            state.registrations[id] = Registration(id: id, directory: directory, names: names, handler: handler, pollInterval: pollInterval)
             state.commands.append(.add(id: id) { result in
                 outcome.withLock { $0 = result }
                 done.signal()
             })
             let mustStart = !state.running
             if mustStart { state.running = true } else { Self.wake(state.wakeDescriptor) }
-            return (id, mustStart, nil)
-        }
-        if let reason = start.2 {
-            return poll(directory, names, pollInterval, handler, reason: reason)
+            return (id, mustStart)
         }
         if start.1 { startThread() }
         done.wait()
@@ -359,7 +358,7 @@ final class ChangeWatcher: Sendable {
             return all
         }
         for registration in moved {
-            let interval = Duration.milliseconds(250)
+            let interval = registration.pollInterval
             poller.register(id: registration.id, interval: interval, handler: registration.handler)
             registration.handler(.fellBackToPolling(.polling(interval: interval, reason: reason)))
         }
