@@ -62,23 +62,6 @@ public struct SessionStatus: Sendable, Hashable {
     public var refresh: RefreshInProgress?
 }
 
-/// A refresh that a process has started and not finished: who, since when, and whether that
-/// process is running, stopped or gone (read from `/proc` when asked).
-public struct RefreshInProgress: Sendable, Hashable {
-    /// The refreshing process's origin (its name in the session) and pid.
-    public var origin: String
-    public var pid: Int32
-    public var since: Date
-    public var processState: ProcessState
-
-    init(_ refreshing: SessionRecord.Refreshing) {
-        origin = refreshing.origin
-        pid = refreshing.pid
-        since = Date(milliseconds: refreshing.startedAt)
-        processState = ProcessState(pid: refreshing.pid)
-    }
-}
-
 /// One signed-in session shared by every process of an app (docs in README, "Auth session").
 ///
 /// - ``accessToken()`` returns a token valid for at least the leeway. When it must be refreshed,

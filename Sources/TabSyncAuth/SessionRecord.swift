@@ -1,4 +1,5 @@
 import Foundation
+import TabSync
 import Synchronization
 
 /// The shared session as stored under the key `record` of the storage `session`.
@@ -164,4 +165,21 @@ extension Date {
         return milliseconds >= Double(SessionLimits.maximumTime) ? SessionLimits.maximumTime : Int64(milliseconds)
     }
     init(milliseconds: Int64) { self.init(timeIntervalSince1970: Double(milliseconds) / 1000) }
+}
+
+/// A refresh that a process has started and not finished: who, since when, and whether that
+/// process is running, stopped or gone (read from `/proc` when asked).
+public struct RefreshInProgress: Sendable, Hashable {
+    /// The refreshing process's origin (its name in the session) and pid.
+    public var origin: String
+    public var pid: Int32
+    public var since: Date
+    public var processState: ProcessState
+
+    init(_ refreshing: SessionRecord.Refreshing) {
+        origin = refreshing.origin
+        pid = refreshing.pid
+        since = Date(milliseconds: refreshing.startedAt)
+        processState = ProcessState(pid: refreshing.pid)
+    }
 }
