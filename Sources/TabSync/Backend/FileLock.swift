@@ -44,19 +44,46 @@ public final class FileLock: SessionLock {
         }
     }
 
-    /// The same wait, blocking the calling thread (for the synchronous commit path). Bounded by
-    /// `timeout`; sleeps of 0.1 ms growing to 10 ms.
+    /// The same wait, blocking the calling thread (for the synchronous commit path), bounded by
+    /// `timeout`. Free: taken at once. Held: a blocking `flock` on a thread of its own, so that the
+    /// kernel queues this process fairly among the waiters (a poller can lose every race to
+    /// writers that commit back to back); the caller waits for it at most `timeout`. At most one
+    /// such thread per lock: a later call while one is still blocked (its caller gave up) waits for
+    /// that same attempt, and a lock it takes with nobody waiting is released at once.
     func acquireBlocking(timeout: Duration) throws(TabSyncError) -> FileLockHold {
         let started = ContinuousClock.now
-        var pause: UInt32 = 100
         while true {
             if let hold = try take(blocking: false) { return hold }
-            let waited = ContinuousClock.now - started
-            if waited >= timeout { throw timedOut(after: waited) }
-            usleep(pause)
-            pause = min(pause * 2, 10_000)
+            let remaining = timeout - (ContinuousClock.now - started)
+            switch attemptBlocking().wait(timeout: max(remaining, .zero)) {
+            case let .acquired(hold): return hold
+            case let .failed(error): throw error
+            case .timedOut: throw timedOut(after: ContinuousClock.now - started)
+            case .retry: continue
+            }
         }
     }
+
+    /// The blocked attempt in progress, or a new one.
+    private func attemptBlocking() -> BlockedAttempt {
+        blocked.withLock { current in
+            if let current, !current.isFinished { return current }
+            let attempt = BlockedAttempt()
+            current = attempt
+            let thread = Thread { [self] in
+                do throws(TabSyncError) {
+                    attempt.finish(.success(try take(blocking: true)!))
+                } catch {
+                    attempt.finish(.failure(error))
+                }
+            }
+            thread.name = "TabSync.commitLock"
+            thread.start()
+            return attempt
+        }
+    }
+
+    private let blocked = Mutex<BlockedAttempt?>(nil)
 
     public func query() -> LockReport {
         let path = directory.path(of: fileName)
@@ -102,6 +129,64 @@ public final class FileLock: SessionLock {
                 return FileLockHold(descriptor: fd)
             }
             close(fd)
+        }
+    }
+}
+
+/// One blocking `flock` on a thread of its own, and the caller that waits for it (or none).
+private final class BlockedAttempt: Sendable {
+    private struct State {
+        var waiting = false
+        var finished = false
+        var result: Result<FileLockHold, TabSyncError>?
+    }
+
+    private let state = Mutex(State())
+    private let signal = DispatchSemaphore(value: 0)
+
+    var isFinished: Bool { state.withLock { $0.finished } }
+
+    func finish(_ result: Result<FileLockHold, TabSyncError>) {
+        let handedOver = state.withLock { state -> Bool in
+            state.finished = true
+            guard state.waiting else { return false }
+            state.result = result
+            return true
+        }
+        if handedOver {
+            signal.signal()
+        } else if case let .success(hold) = result {
+            hold.release()
+        }
+    }
+
+    enum Outcome {
+        case acquired(FileLockHold)
+        case failed(TabSyncError)
+        /// `timeout` passed first; the attempt goes on for a later caller.
+        case timedOut
+        /// It had finished with nobody waiting (its lock was released): try again.
+        case retry
+    }
+
+    func wait(timeout: Duration) -> Outcome {
+        let finishedAlone = state.withLock { state -> Bool in
+            if state.finished { return true }
+            state.waiting = true
+            return false
+        }
+        if finishedAlone { return .retry }
+        let (seconds, attoseconds) = timeout.components
+        let deadline = DispatchTime.now() + .nanoseconds(Int(min(seconds, 86_400) * 1_000_000_000 + attoseconds / 1_000_000_000))
+        _ = signal.wait(timeout: deadline)
+        return state.withLock { state -> Outcome in
+            switch state.result.take() {
+            case let .success(hold)?: return .acquired(hold)
+            case let .failure(error)?: return .failed(error)
+            case nil:
+                state.waiting = false
+                return .timedOut
+            }
         }
     }
 }
