@@ -24,13 +24,11 @@ struct Controller: Sendable {
         let commands = Self.standardInputLines()
 
         let (sessionLane, sessionCommands) = AsyncStream.makeStream(of: String.self)
+        let sessionTask = Task { for await line in sessionLane { await execute(line) } }
         await withTaskGroup(of: Void.self) { group in
             group.addTask { await printStorage(storageNotifications) }
             group.addTask { await printSession(sessionEvents) }
             group.addTask { await session.run() }
-            group.addTask {
-                for await line in sessionLane { await execute(line) }
-            }
             output.emit([("type", .string("ready")), ("tab", .string(name)), ("pid", .int(Int64(getpid())))])
             // Polling from the start (inotify unavailable) is reported like a later fallback.
             if case .polling = app.changeDetection { reportDetection(app.changeDetection) }
@@ -42,10 +40,16 @@ struct Controller: Sendable {
                     await execute(line)
                 }
             }
-            // At once: a pending `token` (or a refresh another process is stuck in) is not waited for.
-            app.close()
-            session.storage.close()
-            Glibc.exit(0)
+            // At once, and without dropping what was typed before: the session lane's waits
+            // (a pending `token` or `login`) are cancelled and end within milliseconds, the
+            // commands queued behind them still run (`adopt`, `status`…), then the tab exits.
+            // A refresh cut short this way leaves its marker, and the next refresher ends the
+            // session rather than present a token that may have been rotated. `_exit`: other
+            // threads are still running, and output is written unbuffered.
+            sessionCommands.finish()
+            sessionTask.cancel()
+            await sessionTask.value
+            _exit(0)
         }
     }
 

@@ -294,6 +294,10 @@ public final class AuthSession: Sendable {
             case let .expire(_, reason):
                 // The stored start, not the clamped one: it names the session to end.
                 try await expire(startedAt: stored.startedAt, reason: reason)
+            case .expiredWithoutRefreshToken:
+                throw AuthError(
+                    code: .signedOut,
+                    message: "The access token has expired and the session has no refresh token to renew it with; sign in again")
             case let .refresh(generation):
                 switch try await refresh(generation: generation, margin: margin) {
                 case let .refreshedHere(token): return token
@@ -333,7 +337,7 @@ public final class AuthSession: Sendable {
 
     /// The longest a process waits for another's refresh before ``AuthError/Code/refreshTimeout``.
     var refreshWaitLimit: Duration {
-        if let limit = options.refreshWaitTimeout { return limit }
+        if let limit = options.refreshWaitTimeout { return min(max(limit, .zero), SessionLimits.maximumDuration) }
         let http = client?.configuration.timeout ?? .seconds(15)
         return http * (options.reuseGracePeriod == nil ? 1 : 2) + .seconds(5)
     }
@@ -389,7 +393,7 @@ public final class AuthSession: Sendable {
             group.addTask {
                 for await event in changes where event.key == SessionRecord.key || event.key == nil {
                     let record = SessionRecord.decode(event.newValue) ?? SessionRecord()
-                    if record.generation != generation || record.state != .signedIn || record.backoffUntil != nil {
+                    if record.generation != generation || record.state != .signedIn || (record.backoffUntil ?? .min) > self.now {
                         return .movedOn(record)
                     }
                 }
@@ -544,18 +548,28 @@ public final class AuthSession: Sendable {
                     warned.insert(notice.deadline)
                     broadcast(.expiring(in: .milliseconds(notice.remaining), reason: notice.reason))
                 }
-                if let expiry = turn.expire {
+                if let expiry = turn.expire, retryAfter.map({ $0 <= now }) ?? true {
                     // The stored start, not the clamped one: it names the session to end.
-                    try? await expire(startedAt: stored.startedAt, reason: expiry.reason)
-                    continue
-                }
-                if turn.refresh {
                     do {
-                        let token = try await accessToken(within: leeway + (Self.bounded(options.proactiveRefresh) ?? 0))
+                        try await expire(startedAt: stored.startedAt, reason: expiry.reason)
+                        continue
+                    } catch {
+                        // The sign-out could not be committed (a closed storage, a full disk):
+                        // try again later, not at once.
+                        broadcast(.problem(error))
+                        failures += 1
+                        retryAfter = self.now + min(Int64(1000) << Int64(min(failures - 1, 9)), Self.maximumRunSleep.milliseconds)
+                    }
+                }
+                if turn.expire != nil {
+                    wakeAt = retryAfter
+                } else if turn.refresh {
+                    do {
+                        _ = try await accessToken(within: leeway + (Self.bounded(options.proactiveRefresh) ?? 0))
                         failures = 0
-                        // Nothing was refreshed here (someone else did, or nothing was due after all):
-                        // not again within the second, whatever the record says.
-                        retryAfter = token.refreshedHere ? nil : self.now + 1000
+                        // At most one proactive refresh a second, whatever the record says (a token
+                        // that lives less than the margin would otherwise be refreshed back to back).
+                        retryAfter = self.now + 1000
                     } catch is CancellationError {
                         break
                     } catch {
@@ -565,8 +579,9 @@ public final class AuthSession: Sendable {
                         retryAfter = self.now + min(Int64(1000) << Int64(min(failures - 1, 9)), Self.maximumRunSleep.milliseconds)
                     }
                     continue
+                } else {
+                    wakeAt = turn.wakeAt
                 }
-                wakeAt = turn.wakeAt
             }
             var timer: Task<Void, Never>?
             if let wakeAt {

@@ -25,6 +25,8 @@ struct SessionMachine: Sendable {
         case expire(startedAt: Int64?, reason: SignOutReason)
         /// The token must be refreshed; `generation` names the token set to replace.
         case refresh(generation: Int)
+        /// The token has expired and there is no refresh token to renew it with.
+        case expiredWithoutRefreshToken
     }
 
     /// A margin for a token of `lifetime`: at most half of it, so that a leeway (plus proactive
@@ -42,6 +44,11 @@ struct SessionMachine: Sendable {
         guard record.state == .signedIn, let token = record.accessToken else { return .signedOut(reason: record.reason) }
         guard let expiresAt = record.expiresAt else { return .use(token: token, expiresAt: nil) }
         if expiresAt - margin > now { return .use(token: token, expiresAt: expiresAt) }
+        // Without a refresh token there is nothing to refresh with: the token serves while it
+        // lasts (a refresh attempt would find nothing to present, again and again).
+        guard record.refreshToken != nil else {
+            return expiresAt > now ? .use(token: token, expiresAt: expiresAt) : .expiredWithoutRefreshToken
+        }
         return .refresh(generation: record.generation)
     }
 
@@ -182,7 +189,7 @@ struct SessionMachine: Sendable {
             }
             wake(at: deadline)
         }
-        if let proactive = proactiveRefresh, let expiresAt = record.expiresAt {
+        if let proactive = proactiveRefresh, let expiresAt = record.expiresAt, record.refreshToken != nil {
             // Not before a shared backoff or this process's own retry delay has passed.
             let due = max(expiresAt - Self.margin(leeway + proactive, lifetime: record.lifetime), record.backoffUntil ?? .min, retryAfter ?? .min)
             if due <= now { turn.refresh = true } else { wake(at: due) }

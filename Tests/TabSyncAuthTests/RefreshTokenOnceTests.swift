@@ -84,6 +84,19 @@ struct RefreshTokenOnceTests {
         #expect(server.refreshCount == 2, "one retry, not more")
     }
 
+    @Test func anExpiredTokenWithoutARefreshTokenIsAnErrorAtOnceNotALoop() async throws {
+        let directory = TemporaryDirectory()
+        let server = FakeTokenServer()
+        let a = try session(directory, "a", server)
+        try a.adopt(accessToken: "lone", refreshToken: nil, expiresIn: 0)
+        let started = ContinuousClock.now
+        await #expect { try await a.accessToken() } throws: { error in
+            (error as? AuthError)?.code == .signedOut && (error as? AuthError)?.message.contains("no refresh token") == true
+        }
+        #expect(ContinuousClock.now - started < .seconds(2))
+        #expect(server.refreshCount == 0)
+    }
+
     @Test func aTransientStatusBacksOffAndKeepsTheToken() async throws {
         let directory = TemporaryDirectory()
         let server = FakeTokenServer()

@@ -40,6 +40,16 @@ import Testing
         #expect(machine.tokenStep(record, now: t0 + 5_000, margin: 30_000) == .refresh(generation: 1))
     }
 
+    @Test func withoutARefreshTokenATokenServesUntilItExpiresAndIsNeverRefreshed() {
+        var record = signedIn(expiresIn: 60_000)
+        record.refreshToken = nil
+        // Within the leeway, but there is nothing to refresh with: it is used while it lasts.
+        #expect(machine.tokenStep(record, now: t0 + 45_000, margin: 30_000) == .use(token: "access", expiresAt: t0 + 60_000))
+        #expect(machine.tokenStep(record, now: t0 + 60_000, margin: 30_000) == .expiredWithoutRefreshToken)
+        let proactive = SessionMachine(leeway: 30_000, proactiveRefresh: 60_000)
+        #expect(!proactive.turn(record, now: t0 + 45_000, warned: [], retryAfter: nil).refresh)
+    }
+
     @Test func aPassedDeadlineEndsTheSessionBeforeAnyToken() {
         let record = signedIn(idle: 60_000)
         #expect(machine.tokenStep(record, now: t0 + 60_000, margin: 0) == .expire(startedAt: t0, reason: .idleTimeout))
