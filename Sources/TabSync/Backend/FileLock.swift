@@ -46,8 +46,9 @@ public final class FileLock: SessionLock {
 
     /// The same wait, blocking the calling thread (for the synchronous commit path), bounded by
     /// `timeout`. Free: taken at once. Held: a blocking `flock` on a thread of its own, so that the
-    /// kernel queues this process fairly among the waiters (a poller can lose every race to
-    /// writers that commit back to back); the caller waits for it at most `timeout`. At most one
+    /// kernel wakes it at every release to race on equal terms with the other waiters (a poller
+    /// sleeps through the releases of writers that commit back to back, and can lose every time);
+    /// the caller waits for it at most `timeout`. At most one
     /// such thread per lock: a later call while one is still blocked (its caller gave up) waits for
     /// that same attempt, and a lock it takes with nobody waiting is released at once.
     func acquireBlocking(timeout: Duration) throws(TabSyncError) -> FileLockHold {
