@@ -42,12 +42,15 @@ struct Locks: AsyncParsableCommand {
                 // On overlayfs, stat gives the overlay's device while the lock is on the upper
                 // layer's inode: the inode alone has to do.
                 if matching.isEmpty, overlay { matching = lines.filter { $0.inode == info.inode } }
-                report.holders = matching.filter { !$0.isWaiter }.map { LockReport.Party(line: $0) }
+                // /proc/locks can list one lock (or one blocked waiter) more than once: one entry a pid.
+                var seen: Set<Int32> = []
+                report.holders = matching.filter { !$0.isWaiter && seen.insert($0.pid).inserted }.map { LockReport.Party(line: $0) }
                 for index in report.holders.indices where report.holders[index].process.state == "gone" {
                     let device = String(format: "%02llx:%02llx:%llu", major, minor, info.inode)
                     report.holders[index].heldThrough = Proc.processesHoldingLock(device: device).map(Proc.process)
                 }
-                report.waiting = matching.filter(\.isWaiter).map { LockReport.Party(line: $0) }
+                seen = []
+                report.waiting = matching.filter { $0.isWaiter && seen.insert($0.pid).inserted }.map { LockReport.Party(line: $0) }
                 if name == "session.refresh.lock", !report.holders.isEmpty {
                     if !lookedForRefresh { (refresh, lookedForRefresh) = (Self.refreshInProgress(path), true) }
                     for index in report.holders.indices {

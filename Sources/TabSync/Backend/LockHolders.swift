@@ -85,7 +85,12 @@ enum Proc {
             let parts = words[4].split(separator: ":")
             guard parts.count == 3, UInt64(parts[0], radix: 16) == major, UInt64(parts[1], radix: 16) == minor,
                   UInt64(parts[2]) == inode else { continue }
-            if waiting { waiters.append(pid) } else { holders.append(pid) }
+            // One entry a pid: /proc/locks can list a lock or a blocked waiter more than once.
+            if waiting {
+                if !waiters.contains(pid) { waiters.append(pid) }
+            } else if !holders.contains(pid) {
+                holders.append(pid)
+            }
         }
         return (holders, waiters)
     }

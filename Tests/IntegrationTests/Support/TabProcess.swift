@@ -138,7 +138,13 @@ final class ChildProcess: Sendable {
         let deadline = ContinuousClock.now + timeout
         while process.isRunning {
             if ContinuousClock.now >= deadline {
-                throw TestFailure("\(name): still running after \(timeout) waiting for \(description). stderr: \(standardError)")
+                // The kernel's view tells a process stuck in the kernel (D: a slow disk flush) from
+                // one that is gone but not yet reaped (Z) or gone altogether.
+                let pid = process.processIdentifier
+                let stat = (try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8)).map { text in
+                    text.lastIndex(of: ")").map { String(text[text.index(after: $0)...].prefix(3)) } ?? text
+                } ?? "gone from /proc"
+                throw TestFailure("\(name): still running after \(timeout) waiting for \(description) (kernel state:\(stat), wchan: \((try? String(contentsOfFile: "/proc/\(pid)/wchan", encoding: .utf8)) ?? "?")). stderr: \(standardError)")
             }
             try await Task.sleep(for: .milliseconds(5))
         }
