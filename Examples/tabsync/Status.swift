@@ -17,12 +17,7 @@ struct Status: AsyncParsableCommand {
 
     func run() async throws {
         let path = options.path
-        let directory: SessionDirectory
-        do {
-            directory = try Storages.directory(path)
-        } catch {
-            fail("\(error.description); `tabsync doctor` says more")
-        }
+        let directory = Storages.directoryOrFail(path)
         let entries: [String]
         switch directoryEntries(path) {
         case let .success(names): entries = names

@@ -57,6 +57,15 @@ enum Storages {
         try SessionDirectory(path: path, create: false)
     }
 
+    /// The directory, or the end of the command with the reason (what `status` and `watch` need).
+    static func directoryOrFail(_ path: String) -> SessionDirectory {
+        do {
+            return try directory(path)
+        } catch {
+            fail("\(error.description); `tabsync doctor` says more")
+        }
+    }
+
     /// Opens the storage `name` once its state file looked valid. TabSync's first read of a
     /// corrupt state file recovers it (a write); a look first keeps the tool from changing
     /// anything, and a refused file is reported the same way TabSync would refuse it.

@@ -17,12 +17,7 @@ struct Watch: AsyncParsableCommand {
 
     func run() async throws {
         let path = options.path
-        let directory: SessionDirectory
-        do {
-            directory = try Storages.directory(path)
-        } catch {
-            fail("\(error.description); `tabsync doctor` says more")
-        }
+        let directory = Storages.directoryOrFail(path)
         let printer = EventPrinter(output: LineOutput(json: options.json))
         // Watch the directory before the first scan, so that no storage created meanwhile is missed.
         let arrivals = DirectoryWatch.names(in: path)

@@ -439,11 +439,9 @@ public final class SharedStorage: Sendable {
         do {
             if recovering {
                 document = try backend.load()
-            } else if let file = backend as? FileBackend {
-                guard let loaded = try file.loadWithoutRecovery() else { return false }
-                document = loaded
             } else {
-                document = try backend.load()
+                guard let loaded = try backend.loadWithoutRecovery() else { return false }
+                document = loaded
             }
         } catch {
             report(error)

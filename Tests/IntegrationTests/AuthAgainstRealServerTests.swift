@@ -64,27 +64,33 @@ final class AuthorizationServer: Sendable {
     deinit { process.stop() }
 }
 
+/// `count` tabs (`PREFIX-0`, `PREFIX-1`, …) with `arguments`, signed in at the first with the
+/// password grant; returns once every tab has reported the sign-in.
+func signedInTabs(_ count: Int, directory: String, arguments: [String], prefix: String = "tab") async throws -> [ChildProcess] {
+    var tabs: [ChildProcess] = []
+    for index in 0..<count {
+        tabs.append(try await launchTab(name: "\(prefix)-\(index)", directory: directory, extra: arguments))
+    }
+    tabs[0].send("login alice wonderland")
+    try await tabs[0].waitFor("login ok") { $0["type"] as? String == "ok" && $0["cmd"] as? String == "login" }
+    for tab in tabs {
+        try await tab.waitFor("signedIn") { $0["type"] as? String == "session" && $0["state"] as? String == "signedIn" }
+    }
+    return tabs
+}
+
+/// Waits until the access token `tab` reports has expired (plus 0.1 s).
+func waitForExpiry(_ tab: ChildProcess) async throws {
+    let status = try await tab.ask("status", expecting: ["status"])
+    let expiresAt = (status["expiresAt"] as? NSNumber)?.doubleValue ?? 0
+    let wait = expiresAt / 1000 - Date().timeIntervalSince1970 + 0.1
+    if wait > 0 { try await Task.sleep(for: .milliseconds(Int(wait * 1000))) }
+}
+
 @Suite(.serialized, .timeLimit(.minutes(5)))
 struct AuthAgainstRealServerTests {
     func signedInTabs(_ count: Int, server: AuthorizationServer, directory: String) async throws -> [ChildProcess] {
-        var tabs: [ChildProcess] = []
-        for index in 0..<count {
-            tabs.append(try await launchTab(name: "tab-\(index)", directory: directory, extra: server.tabArguments))
-        }
-        tabs[0].send("login alice wonderland")
-        try await tabs[0].waitFor("login ok") { $0["type"] as? String == "ok" && $0["cmd"] as? String == "login" }
-        for tab in tabs {
-            try await tab.waitFor("signedIn") { $0["type"] as? String == "session" && $0["state"] as? String == "signedIn" }
-        }
-        return tabs
-    }
-
-    /// Waits until the access token has expired (plus the leeway of one second).
-    func waitForExpiry(_ tab: ChildProcess) async throws {
-        let status = try await tab.ask("status", expecting: ["status"])
-        let expiresAt = (status["expiresAt"] as? NSNumber)?.doubleValue ?? 0
-        let wait = expiresAt / 1000 - Date().timeIntervalSince1970 + 0.1
-        if wait > 0 { try await Task.sleep(for: .milliseconds(Int(wait * 1000))) }
+        try await IntegrationTests.signedInTabs(count, directory: directory, arguments: server.tabArguments)
     }
 
     @Test func sixteenProcessesAfterExpiryCauseExactlyOneRefresh() async throws {

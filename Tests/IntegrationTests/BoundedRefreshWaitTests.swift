@@ -14,14 +14,9 @@ struct BoundedRefreshWaitTests {
         defer { try? FileManager.default.removeItem(atPath: directory) }
         // The wait's bound is the HTTP timeout plus 5 s: 8 s here.
         let arguments = server.tabArguments + ["--http-timeout", "3"]
-        var tabs: [ChildProcess] = []
-        for index in 0..<9 { tabs.append(try await launchTab(name: "w\(index)", directory: directory, extra: arguments)) }
+        let tabs = try await signedInTabs(9, directory: directory, arguments: arguments, prefix: "w")
         defer { tabs.forEach { $0.stop() } }
-        tabs[0].send("login alice wonderland")
-        try await tabs[0].waitFor("login ok") { $0["type"] as? String == "ok" && $0["cmd"] as? String == "login" }
-        let status = try await tabs[0].ask("status", expecting: ["status"])
-        let expiresAt = (status["expiresAt"] as? NSNumber)?.doubleValue ?? 0
-        try await Task.sleep(for: .milliseconds(max(0, Int((expiresAt / 1000 - Date().timeIntervalSince1970 + 0.1) * 1000))))
+        try await waitForExpiry(tabs[0])
 
         // The refresher's request reaches a slow server, then the refresher is stopped.
         _ = try await httpJSON("POST", "\(server.base)/test/slow?seconds=2&count=1")

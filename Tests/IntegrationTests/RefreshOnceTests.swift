@@ -46,26 +46,6 @@ extension AuthorizationServer {
 /// presented again; out-of-range numbers never crash a tab.
 @Suite(.serialized, .timeLimit(.minutes(10)))
 struct RefreshOnceTests {
-    func signedIn(_ count: Int, _ directory: String, _ arguments: [String]) async throws -> [ChildProcess] {
-        var tabs: [ChildProcess] = []
-        for index in 0..<count {
-            tabs.append(try await launchTab(name: "tab-\(index)", directory: directory, extra: arguments))
-        }
-        tabs[0].send("login alice wonderland")
-        try await tabs[0].waitFor("login ok") { $0["type"] as? String == "ok" && $0["cmd"] as? String == "login" }
-        for tab in tabs {
-            try await tab.waitFor("signedIn") { $0["type"] as? String == "session" && $0["state"] as? String == "signedIn" }
-        }
-        return tabs
-    }
-
-    func waitForExpiry(_ tab: ChildProcess) async throws {
-        let status = try await tab.ask("status", expecting: ["status"])
-        let expiresAt = (status["expiresAt"] as? NSNumber)?.doubleValue ?? 0
-        let wait = expiresAt / 1000 - Date().timeIntervalSince1970 + 0.1
-        if wait > 0 { try await Task.sleep(for: .milliseconds(Int(wait * 1000))) }
-    }
-
     static func isSignedOut(_ reason: String) -> ([String: any Sendable]) -> Bool {
         { $0["type"] as? String == "session" && $0["state"] as? String == "signedOut" && $0["reason"] as? String == reason }
     }
@@ -79,7 +59,7 @@ struct RefreshOnceTests {
         let proxy = try await FaultProxy(upstream: server.base)
         let directory = temporaryDirectory("refused")
         defer { try? FileManager.default.removeItem(atPath: directory) }
-        let tabs = try await signedIn(16, directory, server.tabArguments(via: proxy))
+        let tabs = try await signedInTabs(16, directory: directory, arguments: server.tabArguments(via: proxy))
         defer { tabs.forEach { $0.stop() } }
         // Every refresh request from now on is refused with an empty 400.
         try await proxy.fault("mode=refuse-empty&count=1000")
@@ -104,7 +84,7 @@ struct RefreshOnceTests {
         let proxy = try await FaultProxy(upstream: server.base)
         let directory = temporaryDirectory("dropped")
         defer { try? FileManager.default.removeItem(atPath: directory) }
-        let tabs = try await signedIn(3, directory, server.tabArguments(via: proxy))
+        let tabs = try await signedInTabs(3, directory: directory, arguments: server.tabArguments(via: proxy))
         defer { tabs.forEach { $0.stop() } }
         try await proxy.fault("mode=drop")
         try await waitForExpiry(tabs[0])
@@ -122,7 +102,7 @@ struct RefreshOnceTests {
         let proxy = try await FaultProxy(upstream: server.base)
         let directory = temporaryDirectory("late")
         defer { try? FileManager.default.removeItem(atPath: directory) }
-        let tabs = try await signedIn(3, directory, server.tabArguments(via: proxy) + ["--http-timeout", "1"])
+        let tabs = try await signedInTabs(3, directory: directory, arguments: server.tabArguments(via: proxy) + ["--http-timeout", "1"])
         defer { tabs.forEach { $0.stop() } }
         try await proxy.fault("mode=delay&seconds=3")
         try await waitForExpiry(tabs[0])
@@ -141,7 +121,7 @@ struct RefreshOnceTests {
         let proxy = try await FaultProxy(upstream: server.base)
         let directory = temporaryDirectory("grace")
         defer { try? FileManager.default.removeItem(atPath: directory) }
-        let tabs = try await signedIn(3, directory, server.tabArguments(via: proxy) + ["--reuse-grace-period", "30"])
+        let tabs = try await signedInTabs(3, directory: directory, arguments: server.tabArguments(via: proxy) + ["--reuse-grace-period", "30"])
         defer { tabs.forEach { $0.stop() } }
         try await proxy.fault("mode=drop")
         try await waitForExpiry(tabs[0])
@@ -209,7 +189,7 @@ struct RefreshOnceTests {
         let directory = temporaryDirectory("skew-day")
         defer { try? FileManager.default.removeItem(atPath: directory) }
         let arguments = server.tabArguments(via: proxy) + ["--idle-timeout", "600"]
-        let normal = try await signedIn(2, directory, arguments)
+        let normal = try await signedInTabs(2, directory: directory, arguments: arguments)
         defer { normal.forEach { $0.stop() } }
         let ahead = try await skewedTab("ahead", directory, offset: "+1d", arguments)
         defer { ahead.stop() }

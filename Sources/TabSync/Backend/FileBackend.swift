@@ -135,7 +135,7 @@ public final class FileBackend: StorageBackend {
     }
 
     /// Reads the state; nil when it is corrupt and needs a recovery (which takes the commit lock).
-    func loadWithoutRecovery() throws(TabSyncError) -> StateDocument? {
+    public func loadWithoutRecovery() throws(TabSyncError) -> StateDocument? {
         do {
             return try read().document
         } catch where error.code == .corruptState {

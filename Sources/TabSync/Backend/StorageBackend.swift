@@ -11,6 +11,10 @@ public protocol StorageBackend: Sendable {
     /// Reads the latest committed state, without taking the commit lock.
     func load() throws(TabSyncError) -> StateDocument
 
+    /// Like ``load()``, but nil where reading it would mean a recovery that waits for the
+    /// commit lock (a corrupt file): the watcher thread reads this way and never waits.
+    func loadWithoutRecovery() throws(TabSyncError) -> StateDocument?
+
     /// Runs a read-modify-write transaction: `body` gets the latest committed state under
     /// the exclusive commit lock; a change to its sequence number or store is committed
     /// atomically before the lock is released. Other processes never see a partial commit.
@@ -31,6 +35,9 @@ public protocol StorageBackend: Sendable {
 
 extension StorageBackend {
     public func queryLocks() -> [LockReport] { [] }
+
+    /// A backend with no recovery under a lock reads as ``load()`` does.
+    public func loadWithoutRecovery() throws(TabSyncError) -> StateDocument? { try load() }
 }
 
 /// What a backend's watch reports.

@@ -86,9 +86,6 @@ final class ChangeWatcher: Sendable {
         /// The watch of each directory (device, inode): one per directory, however many
         /// registrations and descriptors it has.
         var watchOfDirectory: [DirectoryKey: Int32] = [:]
-        /// Why inotify itself last failed in this process. Later registrations try it again
-        /// (the cause, such as exhausted instances, may be gone); those that fail poll.
-        var unavailable: String?
     }
 
     private let state = Mutex(State())
@@ -343,7 +340,6 @@ final class ChangeWatcher: Sendable {
 
     private func fail(reason: String) {
         let moved: [Registration] = state.withLock { state in
-            state.unavailable = reason
             state.running = false
             let all = Array(state.registrations.values)
             state.registrations.removeAll()
