@@ -44,3 +44,16 @@ private final class IteratorBox<Element: Sendable>: @unchecked Sendable {
     init(_ iterator: AsyncStream<Element>.Iterator) { self.iterator = iterator }
     func next() async -> Element? { await iterator.next() }
 }
+
+/// Runs blocking work on a thread of its own and waits for it, so that a test's long run of
+/// synchronous commits does not hold one of the cooperative pool's threads (two on a 2-core
+/// machine), which every other test of the process needs to resume.
+func offPool<Result: Sendable>(_ work: @escaping @Sendable () throws -> Result) async throws -> Result {
+    try await withCheckedThrowingContinuation { continuation in
+        Thread { continuation.resume(with: Swift.Result { try work() }) }.start()
+    }
+}
+
+/// The suites that stall the process-wide watcher thread on purpose, or measure how fast it
+/// delivers, run one after another: in one test process, one stalling it would delay the other.
+@Suite(.serialized) enum WatcherThreadTests {}
