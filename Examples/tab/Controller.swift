@@ -225,6 +225,8 @@ struct Controller: Sendable {
         case .stateTooLarge: "stateTooLarge"
         case .insecurePath, .notRegularFile: "insecurePath"
         case .lockTimeout: "lockTimeout"
+        case .directoryChanged: "directoryChanged"
+        case .storeVanished: "storeVanished"
         default: "storage"
         }
     }

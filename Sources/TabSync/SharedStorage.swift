@@ -450,7 +450,14 @@ public final class SharedStorage: Sendable {
         // A missing state file (deleted by someone) is no change: the next commit creates a new
         // store, and this instance resynchronises to it then. Delivering it as "every key removed"
         // would send the sequence number back to 0.
-        guard !document.storeID.isEmpty else { return true }
+        guard !document.storeID.isEmpty else {
+            if delivery.withLock({ !($0.position?.storeID.isEmpty ?? true) && !$0.closed }) {
+                report(TabSyncError(
+                    code: .storeVanished, path: backend.location,
+                    message: "The storage's state was deleted while in use; its values are gone, and the next commit starts a new store"))
+            }
+            return true
+        }
         let (events, subscribers, recovered) = delivery.withLock { delivery -> ([StorageEvent], [Subscriber], TabSyncError?) in
             delivery.lastProblem = nil
             guard let position = delivery.position, !delivery.closed else { return ([], [], nil) }

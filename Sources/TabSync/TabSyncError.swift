@@ -27,6 +27,8 @@ public struct TabSyncError: Error, Sendable, Hashable, CustomStringConvertible {
             case closed
             case watcherUnavailable
             case lockTimeout
+            case directoryChanged
+            case storeVanished
         }
 
         let kind: Kind
@@ -54,6 +56,14 @@ public struct TabSyncError: Error, Sendable, Hashable, CustomStringConvertible {
         /// A lock was not free within its timeout (``SharedStorage/Options/lockTimeout``,
         /// ``SessionLock/acquire(timeout:)``); ``TabSyncError/holders`` names who holds it.
         public static let lockTimeout = Code(kind: .lockTimeout)
+        /// The session directory was moved, replaced or deleted while in use: this process no
+        /// longer shares a session with the processes that open its path. Nothing more is
+        /// written; open the storage again to join the directory now at the path.
+        public static let directoryChanged = Code(kind: .directoryChanged)
+        /// The storage's files were deleted while in use (reported on
+        /// ``SharedStorage/notifications(includingOwnChanges:)``). Its values are gone; the next
+        /// commit starts a new store, which every reader resynchronises to.
+        public static let storeVanished = Code(kind: .storeVanished)
 
         public var description: String { kind.rawValue }
     }

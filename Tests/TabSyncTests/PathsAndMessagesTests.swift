@@ -49,7 +49,7 @@ import Testing
             try storage.set("k", "2")
         } throws: { error in
             let error = error as? TabSyncError
-            return error?.message.contains("no longer exists") == true && error?.path == directory.path
+            return error?.code == .directoryChanged && error?.message.contains("deleted") == true && error?.path == directory.path
         }
     }
 

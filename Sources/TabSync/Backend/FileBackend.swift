@@ -25,7 +25,8 @@ public enum Durability: String, Sendable, Hashable, CaseIterable {
 /// | `NAME.state` | the committed state, replaced by rename |
 /// | `NAME.state.prev` | the previous generation, a hard link kept for recovery |
 /// | `NAME.state.tmp` | the next generation while it is written |
-/// | `NAME.lock` | the commit lock (`flock`), never renamed |
+/// | `NAME.lock` | the storage's commit lock (`flock`), never renamed |
+/// | the directory | the directory's commit lock (`flock` on the directory itself) |
 /// | `NAME.state.corrupt-TIME` | a corrupt state file moved aside by recovery |
 ///
 /// ### Recovery
@@ -47,7 +48,12 @@ public final class FileBackend: StorageBackend {
     let stateName: String
     let previousName: String
     let temporaryName: String
+    /// `NAME.lock`: taken first, for peers that lock only it (earlier versions, docs/FORMAT.md's
+    /// older text); it names the committer in reports.
     private let commitLock: FileLock
+    /// The directory itself, taken second: what actually excludes other committers, because a
+    /// file cleaner can delete `NAME.lock` under its holder but cannot replace the directory.
+    private let directoryLock: FileLock
 
     private struct FileIdentity: Equatable {
         var device: UInt64, inode: UInt64, size: Int64, changeTime: timespec, modifyTime: timespec
@@ -106,6 +112,7 @@ public final class FileBackend: StorageBackend {
         self.previousName = name + ".state.prev"
         self.temporaryName = name + ".state.tmp"
         self.commitLock = try FileLock(directory: directory, name: name)
+        self.directoryLock = FileLock(directoryOf: directory, name: name)
         if try directory.inspect(stateName) == nil {
             // Creates the file (and its store identifier) so that every reader starts from one store.
             try commit { _ in }
@@ -126,18 +133,24 @@ public final class FileBackend: StorageBackend {
 
     // MARK: Reading
 
+    /// A missing state file is read again under the commit lock: a recovery in progress holds
+    /// it while the file is briefly missing, so only a file still missing then was deleted.
     public func load() throws(TabSyncError) -> StateDocument {
         do {
-            return try read().document
+            let document = try read().document
+            if document.storeID.isEmpty { return try locked { () throws(TabSyncError) in try read().document } }
+            return document
         } catch where error.code == .corruptState {
             return try commit { document in document }
         }
     }
 
-    /// Reads the state; nil when it is corrupt and needs a recovery (which takes the commit lock).
+    /// Reads the state; nil when it is corrupt and needs a recovery, or missing and needs a look
+    /// under the commit lock.
     public func loadWithoutRecovery() throws(TabSyncError) -> StateDocument? {
         do {
-            return try read().document
+            let document = try read().document
+            return document.storeID.isEmpty ? nil : document
         } catch where error.code == .corruptState {
             return nil
         }
@@ -148,6 +161,8 @@ public final class FileBackend: StorageBackend {
     /// header line (empty for a missing file), which tells the file apart from others.
     private func read() throws(TabSyncError) -> (document: StateDocument, header: ArraySlice<UInt8>) {
         let path = location
+        // A directory moved, replaced or opened up is not read from (nor then written to).
+        try directory.verify()
         guard let fd = try directory.openExisting(stateName, flags: O_RDONLY) else {
             return (StateDocument(storeID: ""), [])
         }
@@ -202,17 +217,7 @@ public final class FileBackend: StorageBackend {
     // MARK: Committing
 
     public func commit<Result>(_ body: (inout StateDocument) throws(TabSyncError) -> Result) throws(TabSyncError) -> Result {
-        let thread = UInt(bitPattern: Int(bitPattern: UInt(pthread_self())))
-        if committingThread.load(ordering: .acquiring) == thread {
-            throw TabSyncError(
-                code: .invalidArgument, path: location,
-                message: "A change was made from inside update or transaction on the same storage; make it inside the closure (Transaction.set) instead")
-        }
-        return try commitGate.withLock { _ throws(TabSyncError) in
-            committingThread.store(thread, ordering: .releasing)
-            defer { committingThread.store(0, ordering: .releasing) }
-            let hold = try commitLock.acquireBlocking(timeout: lockTimeout)
-            defer { hold.release() }
+        try locked { () throws(TabSyncError) in
             var (document, source, mustWrite) = try readLocked()
             if document.sequence > StateDocument.maximumSequence - (1 << 24) {
                 // Sequence numbers run out (only a planted file gets this far): go on in a new
@@ -229,6 +234,27 @@ public final class FileBackend: StorageBackend {
         }
     }
 
+    /// Runs `body` holding this instance's gate and both commit locks (`NAME.lock`, then the
+    /// directory), in a directory checked to be still in place and private.
+    private func locked<Result>(_ body: () throws(TabSyncError) -> Result) throws(TabSyncError) -> Result {
+        let thread = UInt(bitPattern: Int(bitPattern: UInt(pthread_self())))
+        if committingThread.load(ordering: .acquiring) == thread {
+            throw TabSyncError(
+                code: .invalidArgument, path: location,
+                message: "A change was made from inside update or transaction on the same storage; make it inside the closure (Transaction.set) instead")
+        }
+        return try commitGate.withLock { _ throws(TabSyncError) in
+            committingThread.store(thread, ordering: .releasing)
+            defer { committingThread.store(0, ordering: .releasing) }
+            let started = ContinuousClock.now
+            let hold = try commitLock.acquireBlocking(timeout: lockTimeout)
+            defer { hold.release() }
+            let directoryHold = try directoryLock.acquireBlocking(timeout: max(.zero, lockTimeout - (ContinuousClock.now - started)))
+            defer { directoryHold.release() }
+            return try body()
+        }
+    }
+
     /// Reads the state under the commit lock, recovering a corrupt one. Returns the document,
     /// the header line of the file it was read from (empty for a new one), and whether it must
     /// be written even if unchanged.
@@ -236,7 +262,11 @@ public final class FileBackend: StorageBackend {
         do {
             let (document, header) = try read()
             if document.storeID.isEmpty {
-                return (StateDocument(), [], true)
+                // None yet, or deleted: a new store, numbered on from the last one this process
+                // saw, so that readers' sequence numbers do not go back.
+                var fresh = StateDocument()
+                fresh.sequence = cache.withLock { $0.lastGood?.sequence } ?? 0
+                return (fresh, [], true)
             }
             return (document, header, false)
         } catch where error.code == .corruptState {

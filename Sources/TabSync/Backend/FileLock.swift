@@ -5,15 +5,21 @@ import Synchronization
 import Glibc
 #endif
 
-/// An exclusive lock on `NAME.lock` in a session directory, with `flock(2)`.
+/// An exclusive lock on `NAME.lock` in a session directory, or on the directory itself, with
+/// `flock(2)`.
 ///
 /// Each acquisition opens its own descriptor, so two holders in one process exclude each other
 /// just as two processes do. Waits are bounded, cancellable and hold no thread (they poll). The kernel releases the lock when its holder dies, however it dies.
 /// A lock file that was replaced while waiting (unlinked and created again) is detected after
-/// locking, and the lock is taken again on the new file.
+/// locking, and the lock is taken again on the new file. A replacement after that (a temp
+/// cleaner deleting an empty file) cannot be detected: two processes then each hold "the" lock
+/// on a different inode. The lock on the directory (``init(directoryOf:)``) has no such gap:
+/// nobody can replace a directory that a live session holds open, only move it, which the
+/// holder checks after locking (``SessionDirectory/verify()``).
 public final class FileLock: SessionLock {
     public let name: String
     let directory: SessionDirectory
+    /// The lock file's name, or "." for the directory itself.
     let fileName: String
 
     public init(directory: SessionDirectory, name: String) throws(TabSyncError) {
@@ -22,6 +28,15 @@ public final class FileLock: SessionLock {
         self.name = name
         self.fileName = name + ".lock"
     }
+
+    /// The lock on the session directory itself, named `name` in reports.
+    init(directoryOf directory: SessionDirectory, name: String) {
+        self.directory = directory
+        self.name = name
+        self.fileName = "."
+    }
+
+    private var isDirectory: Bool { fileName == "." }
 
     public func tryAcquire() throws(TabSyncError) -> (any SessionLockHold)? {
         try take(blocking: false)
@@ -87,9 +102,9 @@ public final class FileLock: SessionLock {
     private let blocked = Mutex<BlockedAttempt?>(nil)
 
     public func query() -> LockReport {
-        let path = directory.path(of: fileName)
+        let path = isDirectory ? directory.path : directory.path(of: fileName)
         var info = stat()
-        guard fstatat(directory.descriptor, fileName, &info, AT_SYMLINK_NOFOLLOW) == 0 else {
+        guard isDirectory ? fstat(directory.descriptor, &info) == 0 : fstatat(directory.descriptor, fileName, &info, AT_SYMLINK_NOFOLLOW) == 0 else {
             return LockReport(name: name, path: path, holders: [], waiters: [])
         }
         let (holders, waiters) = Proc.locks(device: UInt64(info.st_dev), inode: UInt64(info.st_ino))
@@ -112,9 +127,9 @@ public final class FileLock: SessionLock {
 
     /// Opens the lock file and flocks it. Returns nil when not blocking and it is held elsewhere.
     func take(blocking: Bool) throws(TabSyncError) -> FileLockHold? {
-        let path = directory.path(of: fileName)
+        let path = isDirectory ? directory.path : directory.path(of: fileName)
         while true {
-            let fd = try directory.openFile(fileName, flags: O_RDWR, create: true)
+            let fd = isDirectory ? try directory.reopen() : try directory.openFile(fileName, flags: O_RDWR, create: true)
             while flock(fd, blocking ? LOCK_EX : LOCK_EX | LOCK_NB) != 0 {
                 let errno = Errno.current
                 if errno == .interrupted { continue }
@@ -122,7 +137,9 @@ public final class FileLock: SessionLock {
                 if errno == .wouldBlock { return nil }
                 throw TabSyncError.system("flock", errno, path: path)
             }
-            // The file we locked must still be the one at the name.
+            // The directory is the one opened (its path is checked by the caller); a file we
+            // locked must still be the one at the name.
+            if isDirectory { return FileLockHold(descriptor: fd) }
             var held = stat()
             var current = stat()
             if fstat(fd, &held) == 0, fstatat(directory.descriptor, fileName, &current, AT_SYMLINK_NOFOLLOW) == 0,

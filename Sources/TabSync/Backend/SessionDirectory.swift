@@ -107,6 +107,39 @@ public final class SessionDirectory: Sendable {
         return base.hasSuffix("/") ? base + relative : base + "/" + relative
     }
 
+    /// A new descriptor of the directory this instance opened (a new open file description, so
+    /// that its `flock` excludes every other one, in this process too).
+    func reopen() throws(TabSyncError) -> Int32 {
+        try retrying("openat", path: path) { openat(descriptor, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC) }
+    }
+
+    /// Checks that the directory this instance opened is still the one at its path, still
+    /// there, and still private: a directory that was moved, replaced or deleted throws
+    /// ``TabSyncError/Code/directoryChanged``, one opened up to others (`chmod 0777`) or given
+    /// away throws ``TabSyncError/Code/insecurePath``. Costs an `fstat` and an `lstat`.
+    public func verify() throws(TabSyncError) {
+        var opened = stat()
+        guard fstat(descriptor, &opened) == 0 else { throw TabSyncError.system("fstat", .current, path: path) }
+        if opened.st_nlink == 0 {
+            throw TabSyncError(
+                code: .directoryChanged, path: path,
+                message: "The session directory was deleted while in use; nothing more is written to it")
+        }
+        try Self.checkOwnership(opened, path: path, what: "session directory", forbidden: S_IWGRP | S_IWOTH)
+        var current = stat()
+        guard lstat(path, &current) == 0 else {
+            let errno = Errno.current
+            throw TabSyncError(
+                code: .directoryChanged, path: path,
+                message: "The session directory was moved away from its path while in use; nothing more is written to it", errno: errno)
+        }
+        if UInt64(current.st_dev) != device || UInt64(current.st_ino) != inode {
+            throw TabSyncError(
+                code: .directoryChanged, path: path,
+                message: "The session directory was replaced by another \(current.st_mode & S_IFMT == S_IFLNK ? "symbolic link" : "directory") at its path while in use; nothing more is written to the one this process opened")
+        }
+    }
+
     /// Whether the directory this instance opened is still there (it was not deleted).
     var isDeleted: Bool {
         var info = stat()
@@ -116,7 +149,7 @@ public final class SessionDirectory: Sendable {
     /// The error for a file operation that failed because the directory itself is gone.
     func vanished(_ call: String, _ errno: Errno, file: String) -> TabSyncError {
         TabSyncError(
-            code: .io, path: path,
+            code: .directoryChanged, path: path,
             message: "The session directory no longer exists (it was deleted while in use; \(call) of \(file) failed)", errno: errno)
     }
 

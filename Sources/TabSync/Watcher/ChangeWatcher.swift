@@ -267,7 +267,9 @@ final class ChangeWatcher: Sendable {
                 errno: .current))
         }
         defer { unlink(path) }
-        let mask = UInt32(IN_MOVED_TO | IN_CLOSE_WRITE | IN_DELETE | IN_MOVED_FROM | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR)
+        // IN_ATTRIB is for the directory itself (a chmod that opens it up); on its files it only
+        // reports link counts and times, and is dropped in dispatch.
+        let mask = UInt32(IN_MOVED_TO | IN_CLOSE_WRITE | IN_DELETE | IN_MOVED_FROM | IN_DELETE_SELF | IN_MOVE_SELF | IN_ATTRIB | IN_ONLYDIR)
         guard inotifytools_watch_file(path, Int32(bitPattern: mask)) != 0 else {
             let errno = Errno(rawValue: inotifytools_error())
             let hint = errno == .noSpace ? "; the inotify watch limit is exhausted, see /proc/sys/fs/inotify/max_user_watches" : ""
@@ -303,7 +305,10 @@ final class ChangeWatcher: Sendable {
         }
         let overflow = mask & UInt32(IN_Q_OVERFLOW) != 0
         if overflow { overflowCount.add(1, ordering: .relaxed) }
-        let whole = overflow || mask & UInt32(IN_DELETE_SELF | IN_MOVE_SELF) != 0
+        let attributesOnly = mask & UInt32(IN_ATTRIB) != 0 && mask & UInt32(IN_MOVED_TO | IN_CLOSE_WRITE | IN_DELETE | IN_MOVED_FROM) == 0
+        if attributesOnly, name != nil { return }
+        // The directory itself was deleted, moved, or had its owner or mode changed.
+        let whole = overflow || attributesOnly || mask & UInt32(IN_DELETE_SELF | IN_MOVE_SELF) != 0
         let targets: [Registration] = state.withLock { state in
             state.registrations.values.filter { registration in
                 if overflow { return true }

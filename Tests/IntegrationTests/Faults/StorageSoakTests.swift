@@ -211,6 +211,8 @@ final class SoakTab: Sendable {
     func stop() {
         try? input.close()
         if process.isRunning { kill(process.processIdentifier, SIGTERM) }
-        process.waitUntilExit()
+        // Reaped off the cooperative pool (see ChildProcess.stop).
+        let process = process
+        Thread { process.waitUntilExit() }.start()
     }
 }

@@ -151,16 +151,21 @@ final class ChildProcess: Sendable {
     }
 
     /// Ends the process: end of input, then SIGTERM, then SIGKILL after `grace`. Bounded in time:
-    /// a child that inherited a blocked SIGTERM (or ignores it) cannot hang the test run.
+    /// a child that inherited a blocked SIGTERM (or ignores it) cannot hang the test run. Returns
+    /// at once; the grace and the reaping happen on a thread of their own, because this runs in
+    /// `defer` blocks of async tests, and a wait there would hold one of the two cooperative
+    /// threads that every test of the process shares (use ``waitForExit(timeout:)`` to wait).
     func stop(grace: Duration = .seconds(5)) {
-        if process.isRunning {
-            closeInput()
-            kill(SIGTERM)
+        guard process.isRunning else { return }
+        closeInput()
+        kill(SIGTERM)
+        let process = process
+        Thread {
             let deadline = ContinuousClock.now + grace
             while process.isRunning, ContinuousClock.now < deadline { usleep(10_000) }
-            if process.isRunning { kill(SIGKILL) }
-        }
-        process.waitUntilExit()
+            if process.isRunning { Glibc.kill(process.processIdentifier, SIGKILL) }
+            process.waitUntilExit()
+        }.start()
     }
 }
 
