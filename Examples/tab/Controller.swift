@@ -118,17 +118,17 @@ struct Controller: Sendable {
             case "set":
                 let parts = argument.split(separator: " ", maxSplits: 1, omittingEmptySubsequences: false).map(String.init)
                 guard parts.count == 2, !parts[0].isEmpty else { throw BadCommand("usage: set KEY VALUE") }
-                let sequence = try app.set(parts[0], parts[1])
+                let sequence = try await app.set(parts[0], parts[1])
                 ok(command, sequence: sequence)
             case "get":
                 guard !argument.isEmpty, !argument.contains(" ") else { throw BadCommand("usage: get KEY") }
                 output.emit([("type", .string("value")), ("key", .string(argument)), ("value", .from(try app.get(argument)))])
             case "remove":
                 guard !argument.isEmpty, !argument.contains(" ") else { throw BadCommand("usage: remove KEY") }
-                ok(command, sequence: try app.remove(argument))
+                ok(command, sequence: try await app.remove(argument))
             case "clear":
                 guard argument.isEmpty else { throw BadCommand("usage: clear") }
-                ok(command, sequence: try app.clear())
+                ok(command, sequence: try await app.clear())
             case "locks":
                 guard argument.isEmpty else { throw BadCommand("usage: locks") }
                 let reports = [("app", app.queryLocks()), ("session", session.storage.queryLocks())]
@@ -244,6 +244,7 @@ struct Controller: Sendable {
         case .invalidRecord: return "invalidRecord"
         case .invalidResponse: return "invalidResponse"
         case .refreshTimeout: return "refreshTimeout"
+        case .cancelled: return "cancelled"
         default: return "server"
         }
     }

@@ -72,10 +72,10 @@ struct StorageStatus {
     init(name: String, storage: SharedStorage) {
         self.name = name
         do {
-            let document = try storage.backend.load()
-            sequence = document.sequence
-            keys = document.values.count
-            recovery = document.recovery
+            let snapshot = try storage.backend.snapshot()
+            sequence = snapshot.position.sequence
+            keys = snapshot.values.count
+            recovery = snapshot.recovery
             detection = storage.changeDetection
         } catch {
             problem = StorageProblem(code: error.code.description, message: error.description)

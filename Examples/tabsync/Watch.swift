@@ -80,7 +80,7 @@ struct Followers {
                 // and `printedUpTo` drops the second.
                 let notifications = storage.notifications()
                 var printedUpTo: UInt64 = 0
-                if replaying, let document = try? storage.backend.load() {
+                if replaying, let document = try? (storage.backend as? FileBackend)?.load() {
                     printer.found(name, sequence: document.sequence)
                     for entry in document.journal {
                         printer.change(name, StorageEvent(

@@ -116,7 +116,6 @@ public final class SharedStorage: Sendable {
     public let instanceID: String
     /// Where the state lives.
     public let backend: any StorageBackend
-    private let limits: JournalLimits
     private let logger: Logger
 
     private struct Subscriber {
@@ -127,7 +126,10 @@ public final class SharedStorage: Sendable {
 
     private struct Delivery {
         /// What this instance has delivered up to; nil until the initial position is known.
-        var position: StateDocument?
+        var position: StorePosition?
+        /// The values as of `position`, kept up to date by the records delivered: what a
+        /// resynchronisation is the difference from, and what `observe()` starts with.
+        var view: [String: String] = [:]
         var subscribers: [UInt64: Subscriber] = [:]
         var nextSubscriber: UInt64 = 0
         var lastProblem: String?
@@ -160,7 +162,6 @@ public final class SharedStorage: Sendable {
         self.backend = backend
         self.origin = origin
         self.instanceID = StateDocument.newStoreID()
-        self.limits = options.journalLimits
         self.logger = options.logger
         let watch = backend.watch { [weak self] signal in
             guard let self else { return }
@@ -169,11 +170,12 @@ public final class SharedStorage: Sendable {
             case let .detectionChanged(detection): changeDetection(to: detection)
             }
         }
-        let initial = try backend.load()
+        let initial = try backend.snapshot()
         delivery.withLock { delivery in
             delivery.watch = watch
             delivery.detection = watch.detection
-            delivery.position = initial
+            delivery.position = initial.position
+            delivery.view = initial.values
         }
         if case .polling = watch.detection {
             logger.warning("TabSync polls for changes", metadata: ["location": "\(backend.location)", "detection": "\(watch.detection)"])
@@ -191,24 +193,28 @@ public final class SharedStorage: Sendable {
 
     /// The value of `key` in the latest committed state.
     public func get(_ key: String) throws(TabSyncError) -> String? {
-        try backend.load().values[key]
+        try backend.snapshot().values[key]
     }
 
     /// The latest committed values and the sequence number of their last change.
     public func snapshot() throws(TabSyncError) -> (values: [String: String], sequence: UInt64) {
-        let document = try backend.load()
-        return (document.values, document.sequence)
+        let snapshot = try backend.snapshot()
+        return (snapshot.values, snapshot.position.sequence)
     }
 
     /// The keys in the latest committed state, sorted.
     public func keys() throws(TabSyncError) -> [String] {
-        try backend.load().values.keys.sorted()
+        try backend.snapshot().values.keys.sorted()
     }
 
     // MARK: Writing
 
     /// Sets `key` to `value`. Returns the sequence number of the change, or the current one
     /// when the value was already `value` (nothing is committed then).
+    ///
+    /// This and the other synchronous mutations block the calling thread while they wait for the
+    /// commit lock (at most ``Options/lockTimeout``) and for fsync. Async code gets
+    /// ``set(_:_:)-372bf`` and its siblings, which block no Swift concurrency thread.
     @discardableResult
     public func set(_ key: String, _ value: String) throws(TabSyncError) -> UInt64 {
         try update { $0[key] = value }
@@ -226,11 +232,9 @@ public final class SharedStorage: Sendable {
     @discardableResult
     public func clear() throws(TabSyncError) -> UInt64 {
         try checkOpen()
-        return try backend.commit { document throws(TabSyncError) in
-            if !document.values.isEmpty {
-                document.record(key: nil, newValue: nil, origin: origin, instance: instanceID, limits: limits)
-            }
-            return document.sequence
+        return try backend.commit(as: author) { transaction throws(TabSyncError) in
+            transaction.clear()
+            return transaction.sequence
         }
     }
 
@@ -240,14 +244,8 @@ public final class SharedStorage: Sendable {
     @discardableResult
     public func update(_ body: (inout [String: String]) -> Void) throws(TabSyncError) -> UInt64 {
         try checkOpen()
-        return try backend.commit { document throws(TabSyncError) in
-            var values = document.values
-            body(&values)
-            let changed = Set(values.keys).union(document.values.keys).filter { values[$0] != document.values[$0] }.sorted()
-            for key in changed {
-                document.record(key: key, newValue: values[key], origin: origin, instance: instanceID, limits: limits)
-            }
-            return document.sequence
+        return try backend.commit(as: author) { transaction throws(TabSyncError) in
+            Self.apply(body, to: &transaction)
         }
     }
 
@@ -255,12 +253,7 @@ public final class SharedStorage: Sendable {
     /// For layers built on top (the auth session stores its record this way).
     public func transaction<Result>(_ body: (inout Transaction) throws(TabSyncError) -> Result) throws(TabSyncError) -> Result {
         try checkOpen()
-        return try backend.commit { document throws(TabSyncError) in
-            var transaction = Transaction(document: document, origin: origin, instance: instanceID, limits: limits)
-            let result = try body(&transaction)
-            document = transaction.document
-            return result
-        }
+        return try backend.commit(as: author, body)
     }
 
     /// Like `transaction(_:)` (closure throwing `TabSyncError`), for a closure that throws the caller's own error type: when
@@ -296,28 +289,69 @@ public final class SharedStorage: Sendable {
         }
     }
 
-    /// A read-modify-write in progress; see `SharedStorage.transaction(_:)`.
-    public struct Transaction: Sendable {
-        fileprivate var document: StateDocument
-        fileprivate let origin: String
-        fileprivate let instance: String
-        fileprivate let limits: JournalLimits
+    // MARK: Writing from async code
 
-        public var values: [String: String] { document.values }
-        public var sequence: UInt64 { document.sequence }
+    /// ``set(_:_:)-5k8tb`` for async code. It never blocks a Swift concurrency thread:
+    /// its turn among this instance's commits and its wait for the commit locks suspend the task,
+    /// and the file work and fsync run on a few threads of TabSync's own (at most
+    /// four per process, however many commits wait). Bounded by ``Options/lockTimeout`` like the
+    /// synchronous version; a cancelled task gets `CancellationError` at once, with nothing
+    /// committed. Throws ``TabSyncError`` or `CancellationError`.
+    @discardableResult
+    public func set(_ key: String, _ value: String) async throws -> UInt64 {
+        try await update { $0[key] = value }
+    }
 
-        /// Forgets the past values of `key` in the journal and the previous generation;
-        /// see ``StateDocument/scrubHistory(of:)``.
-        public mutating func scrubHistory(of key: String) {
-            document.scrubHistory(of: key)
-        }
+    /// ``remove(_:)-5cxat`` for async code; see ``set(_:_:)-372bf``.
+    @discardableResult
+    public func remove(_ key: String) async throws -> UInt64 {
+        try await update { $0[key] = nil }
+    }
 
-        /// Sets or removes one key; nothing is recorded when the value does not change.
-        public mutating func set(_ key: String, _ value: String?) {
-            guard document.values[key] != value else { return }
-            document.record(key: key, newValue: value, origin: origin, instance: instance, limits: limits)
+    /// ``clear()-9ar17`` for async code; see ``set(_:_:)-372bf``.
+    @discardableResult
+    public func clear() async throws -> UInt64 {
+        try checkOpen()
+        return try await backend.commit(as: author) { transaction throws(TabSyncError) in
+            transaction.clear()
+            return transaction.sequence
         }
     }
+
+    /// ``update(_:)-2yak0`` for async code; `body` runs on one of TabSync's threads, under the commit
+    /// locks. See ``set(_:_:)-372bf``.
+    @discardableResult
+    public func update(_ body: @escaping @Sendable (inout [String: String]) -> Void) async throws -> UInt64 {
+        try checkOpen()
+        return try await backend.commit(as: author) { transaction throws(TabSyncError) in
+            Self.apply(body, to: &transaction)
+        }
+    }
+
+    /// ``transaction(_:)`` for async code; `body` runs on one of TabSync's threads, under the
+    /// commit locks. See ``set(_:_:)-372bf``.
+    public func transaction<Result: Sendable>(
+        _ body: @escaping @Sendable (inout Transaction) throws(TabSyncError) -> Result
+    ) async throws -> Result {
+        try checkOpen()
+        return try await backend.commit(as: author, body)
+    }
+
+    /// Records each key whose value `body` changes as its own change, in sorted key order.
+    private static func apply(_ body: (inout [String: String]) -> Void, to transaction: inout Transaction) -> UInt64 {
+        let before = transaction.values
+        var values = before
+        body(&values)
+        let changed = Set(values.keys).union(before.keys).filter { values[$0] != before[$0] }.sorted()
+        for key in changed { transaction.set(key, values[key]) }
+        return transaction.sequence
+    }
+
+    /// The names this instance's change records carry.
+    private var author: ChangeAuthor { ChangeAuthor(origin: origin, instance: instanceID) }
+
+    /// A read-modify-write in progress; see `SharedStorage.transaction(_:)`.
+    public typealias Transaction = StoreTransaction
 
     // MARK: Locks
 
@@ -362,8 +396,8 @@ public final class SharedStorage: Sendable {
     public func observe() -> AsyncStream<Observation> {
         catchUp()
         return AsyncStream { continuation in
-            subscribe(includeOwn: true, continuation: continuation, first: { position in
-                continuation.yield(.snapshot(values: position?.values ?? [:], sequence: position?.sequence ?? 0))
+            subscribe(includeOwn: true, continuation: continuation, first: { position, view in
+                continuation.yield(.snapshot(values: view, sequence: position?.sequence ?? 0))
             }) { notification in
                 switch notification {
                 case let .change(event): continuation.yield(.change(event))
@@ -384,12 +418,12 @@ public final class SharedStorage: Sendable {
     /// `first` runs under the delivery lock with the position delivered so far, before any change
     /// can reach the new subscriber: what it sees and what follows meet without a gap.
     private func subscribe<Element>(
-        includeOwn: Bool, continuation: AsyncStream<Element>.Continuation, first: (StateDocument?) -> Void = { _ in },
+        includeOwn: Bool, continuation: AsyncStream<Element>.Continuation, first: (StorePosition?, [String: String]) -> Void = { _, _ in },
         deliver: @escaping @Sendable (StorageNotification) -> Void
     ) {
         let id: UInt64? = delivery.withLock { delivery in
             guard !delivery.closed else { return nil }
-            first(delivery.position)
+            first(delivery.position, delivery.view)
             let id = delivery.nextSubscriber
             delivery.nextSubscriber += 1
             delivery.subscribers[id] = Subscriber(includeOwn: includeOwn, deliver: deliver, finish: { continuation.finish() })
@@ -435,40 +469,65 @@ public final class SharedStorage: Sendable {
     /// needs a recovery that `recovering: false` leaves to ``catchUpLater()``.
     @discardableResult
     private func catchUpInOrder(recovering: Bool) -> Bool {
-        let document: StateDocument
+        guard let position = delivery.withLock({ $0.closed ? nil : $0.position }) else { return true }
+        let changes: StoreChanges
         do {
-            if recovering {
-                document = try backend.load()
-            } else {
-                guard let loaded = try backend.loadWithoutRecovery() else { return false }
-                document = loaded
-            }
+            guard let found = try backend.changes(after: position, waiting: recovering) else { return false }
+            changes = found
         } catch {
             report(error)
             return true
         }
-        // A missing state file (deleted by someone) is no change: the next commit creates a new
-        // store, and this instance resynchronises to it then. Delivering it as "every key removed"
-        // would send the sequence number back to 0.
-        guard !document.storeID.isEmpty else {
-            if delivery.withLock({ !($0.position?.storeID.isEmpty ?? true) && !$0.closed }) {
+        let events: [StorageEvent]
+        var recovered: TabSyncError?
+        switch changes {
+        case .missing:
+            // Deleted by someone (a missing store is looked at under the commit lock, so this is
+            // no recovery in progress). No change to deliver: the next commit creates a new
+            // store, and this instance resynchronises to it then. Delivering it as "every key
+            // removed" would send the sequence number back to 0.
+            if !position.store.isEmpty {
                 report(TabSyncError(
                     code: .storeVanished, path: backend.location,
                     message: "The storage's state was deleted while in use; its values are gone, and the next commit starts a new store"))
             }
             return true
-        }
-        let (events, subscribers, recovered) = delivery.withLock { delivery -> ([StorageEvent], [Subscriber], TabSyncError?) in
-            delivery.lastProblem = nil
-            guard let position = delivery.position, !delivery.closed else { return ([], [], nil) }
-            if position.storeID == document.storeID, document.sequence <= position.sequence { return ([], [], nil) }
-            delivery.position = document
-            let events = Self.events(from: position, to: document, instance: instanceID)
-            var recovered: TabSyncError?
-            if position.storeID != document.storeID, !position.storeID.isEmpty, let note = document.recovery {
+        case let .records(records):
+            guard !records.isEmpty else {
+                delivery.withLock { $0.lastProblem = nil }
+                return true
+            }
+            events = records.map { record in
+                StorageEvent(
+                    key: record.key, oldValue: record.oldValue, newValue: record.newValue, origin: record.origin,
+                    sequence: record.sequence, isOwn: record.instance == instanceID)
+            }
+            delivery.withLock { delivery in
+                for record in records {
+                    if let key = record.key { delivery.view[key] = record.newValue } else { delivery.view.removeAll() }
+                }
+                delivery.position = StorePosition(store: position.store, sequence: records.last!.sequence)
+            }
+        case let .resync(snapshot, origins):
+            let old = delivery.withLock { $0.view }
+            let sequence = snapshot.position.sequence
+            events = Set(old.keys).union(snapshot.values.keys).sorted().compactMap { key in
+                guard old[key] != snapshot.values[key] else { return nil }
+                return StorageEvent(
+                    key: key, oldValue: old[key], newValue: snapshot.values[key], origin: origins[key] ?? "",
+                    sequence: sequence, isResync: true)
+            }
+            delivery.withLock { delivery in
+                delivery.position = snapshot.position
+                delivery.view = snapshot.values
+            }
+            if snapshot.position.store != position.store, !position.store.isEmpty, let note = snapshot.recovery {
                 recovered = TabSyncError(code: .corruptState, path: backend.location, message: note)
             }
-            return (events, Array(delivery.subscribers.values), recovered)
+        }
+        let subscribers = delivery.withLock { delivery -> [Subscriber] in
+            delivery.lastProblem = nil
+            return delivery.closed ? [] : Array(delivery.subscribers.values)
         }
         defer { if let recovered { report(recovered) } }
         // Handed over outside `delivery` (see deliveryOrder), in sequence order.
@@ -478,29 +537,6 @@ public final class SharedStorage: Sendable {
             }
         }
         return true
-    }
-
-    /// The events that lead from `position` to `document`: the journal's entries when it
-    /// reaches back far enough, otherwise a snapshot difference.
-    private static func events(from position: StateDocument, to document: StateDocument, instance: String) -> [StorageEvent] {
-        let sameStore = position.storeID == document.storeID || position.storeID.isEmpty
-        if sameStore, document.sequence <= position.sequence { return [] }
-        if sameStore, let entries = document.entries(after: position.sequence) {
-            return entries.map { entry in
-                StorageEvent(
-                    key: entry.key, oldValue: entry.oldValue, newValue: entry.newValue, origin: entry.origin,
-                    sequence: entry.sequence, isOwn: entry.instance == instance)
-            }
-        }
-        var latestOrigin: [String: String] = [:]
-        for entry in document.journal { if let key = entry.key { latestOrigin[key] = entry.origin } }
-        let keys = Set(position.values.keys).union(document.values.keys).sorted()
-        return keys.compactMap { key in
-            let old = position.values[key]
-            let new = document.values[key]
-            guard old != new else { return nil }
-            return StorageEvent(key: key, oldValue: old, newValue: new, origin: latestOrigin[key] ?? "", sequence: document.sequence, isResync: true)
-        }
     }
 
     private func report(_ problem: TabSyncError) {

@@ -36,6 +36,9 @@ public struct AuthError: Error, Sendable, Hashable, CustomStringConvertible {
         public static let invalidConfiguration = Code(name: "invalidConfiguration")
         /// The shared storage failed (see ``AuthError/storage``).
         public static let storage = Code(name: "storage")
+        /// The task was cancelled while a change waited for the commit lock; nothing was
+        /// committed. (``AuthSession/accessToken()`` throws `CancellationError` instead.)
+        public static let cancelled = Code(name: "cancelled")
         public var description: String { name }
     }
 

@@ -166,27 +166,59 @@ public final class AuthSession: Sendable {
         var failure: AuthError?
         do throws(TabSyncError) {
             return try storage.transaction { transaction throws(TabSyncError) in
-                var record = SessionRecord.decode(transaction.values[SessionRecord.key]) ?? SessionRecord()
-                let before = record
-                let result: Result
                 do throws(AuthError) {
-                    result = try body(&record)
+                    return try Self.apply(body, in: &transaction)
                 } catch {
                     failure = error
-                    throw TabSyncError(code: .invalidArgument, path: nil, message: "The change was abandoned")
+                    throw Self.abandoned
                 }
-                if record != before {
-                    transaction.set(SessionRecord.key, record.encoded())
-                    if record.state == .signedOut, before.refreshToken != nil || before.accessToken != nil {
-                        transaction.scrubHistory(of: SessionRecord.key)
-                    }
-                }
-                return result
             }
         } catch {
             throw failure ?? AuthError.storage(error)
         }
     }
+
+    /// ``change(_:)`` for async callers: the commit never blocks a Swift concurrency thread
+    /// (SharedStorage's async `transaction`), and `body` runs on one of TabSync's threads.
+    @discardableResult
+    private func change<Result: Sendable>(
+        _ body: @escaping @Sendable (inout SessionRecord) throws(AuthError) -> Result
+    ) async throws(AuthError) -> Result {
+        let failure = Mutex<AuthError?>(nil)
+        do {
+            return try await storage.transaction { transaction throws(TabSyncError) in
+                do throws(AuthError) {
+                    return try Self.apply(body, in: &transaction)
+                } catch {
+                    failure.withLock { $0 = error }
+                    throw Self.abandoned
+                }
+            }
+        } catch let error as TabSyncError {
+            throw failure.withLock { $0 } ?? AuthError.storage(error)
+        } catch {
+            throw AuthError(code: .cancelled, message: "The change was cancelled before it was committed")
+        }
+    }
+
+    /// Runs `body` on the record in `transaction` and writes it back when it changed; a record
+    /// that signs out scrubs the tokens.
+    private static func apply<Result>(
+        _ body: (inout SessionRecord) throws(AuthError) -> Result, in transaction: inout SharedStorage.Transaction
+    ) throws(AuthError) -> Result {
+        var record = SessionRecord.decode(transaction.values[SessionRecord.key]) ?? SessionRecord()
+        let before = record
+        let result = try body(&record)
+        guard record != before else { return result }
+        transaction.set(SessionRecord.key, record.encoded())
+        if record.state == .signedOut, before.refreshToken != nil || before.accessToken != nil {
+            transaction.scrubHistory(of: SessionRecord.key)
+        }
+        return result
+    }
+
+    /// What aborts the storage transaction when the change's body throws.
+    private static let abandoned = TabSyncError(code: .invalidArgument, path: nil, message: "The change was abandoned")
 
     /// The state of the session now.
     public func status() throws(AuthError) -> SessionStatus {
@@ -205,7 +237,7 @@ public final class AuthSession: Sendable {
     public func signIn(username: String, password: String) async throws(AuthError) {
         let client = try requireClient()
         let response = try await client.password(username: username, password: password)
-        try install(response, kind: .signedIn)
+        try await install(response, kind: .signedIn)
     }
 
     /// Signs the session in with tokens obtained elsewhere (an authorization-code flow, say).
@@ -214,25 +246,36 @@ public final class AuthSession: Sendable {
     }
 
     private func install(_ response: TokenResponse, kind: SessionRecord.EventKind) throws(AuthError) {
+        try change(installing(response, kind: kind))
+        options.logger.info("Signed in", metadata: ["origin": "\(origin)"])
+    }
+
+    private func install(_ response: TokenResponse, kind: SessionRecord.EventKind) async throws(AuthError) {
+        try await change(installing(response, kind: kind))
+        options.logger.info("Signed in", metadata: ["origin": "\(origin)"])
+    }
+
+    /// The change that installs `response` with this process's policy.
+    private func installing(_ response: TokenResponse, kind: SessionRecord.EventKind) -> @Sendable (inout SessionRecord) throws(AuthError) -> Void {
         let policy = options.policy
-        let now = now
+        let (now, origin) = (now, origin)
         if let lifetime = response.expiresIn, lifetime >= 0, Int64(lifetime) <= leeway / 1000 {
             options.logger.warning(
                 "The leeway is not shorter than the access token's lifetime; tokens are refreshed at half their lifetime instead",
                 metadata: ["leewaySeconds": "\(leeway / 1000)", "lifetimeSeconds": "\(lifetime)"])
         }
-        try change { record throws(AuthError) in
+        return { record throws(AuthError) in
             try record.install(response, now: now, origin: origin, kind: kind)
             record.idleTimeout = Self.bounded(policy.idleTimeout)
             record.absoluteTimeout = Self.bounded(policy.absoluteTimeout)
             record.warningLead = Self.bounded(policy.warningLead)
         }
-        options.logger.info("Signed in", metadata: ["origin": "\(origin)"])
     }
 
     /// Signs every process out. With a revocation endpoint, the refresh token is revoked too.
     public func signOut(reason: SignOutReason = .userLogout) async throws(AuthError) {
-        let refreshToken: String? = try change { record in
+        let origin = origin
+        let refreshToken: String? = try await change { record in
             guard record.state == .signedIn else { return nil }
             let token = record.refreshToken
             record.signOut(reason: reason, origin: origin)
@@ -428,7 +471,8 @@ public final class AuthSession: Sendable {
         let client = try requireClient()
         let now = now
         let pid = getpid()
-        let plan: SessionMachine.RefreshPlan = try change { record in
+        let (machine, origin) = (machine, origin)
+        let plan: SessionMachine.RefreshPlan = try await change { record in
             var trusted = self.trusted(record, now: now)
             let plan = machine.plan(&trusted, generation: generation, margin: margin, now: now, pid: pid, origin: origin)
             if trusted != self.trusted(record, now: now) { record = trusted }
@@ -449,7 +493,7 @@ public final class AuthSession: Sendable {
             let outcome = await present(refreshToken, with: client)
             let result: SessionMachine.RefreshResult
             do {
-                result = try change { record in machine.apply(outcome, to: &record, generation: generation, now: self.now, origin: origin) }
+                result = try await change { record in machine.apply(outcome, to: &record, generation: generation, now: self.now, origin: origin) }
             } catch {
                 // The marker `refreshing` stays: whoever comes next ends the session rather than
                 // present a refresh token that the server may have rotated.
@@ -505,10 +549,10 @@ public final class AuthSession: Sendable {
     }
 
     private func expire(startedAt: Int64?, reason: SignOutReason) async throws(AuthError) {
-        let now = now
-        let refreshToken: String? = try change { record in
+        let (now, origin) = (now, origin)
+        let refreshToken: String? = try await change { record in
             guard record.state == .signedIn, record.startedAt == startedAt,
-                  let (deadline, _) = Self.deadline(of: trusted(record, now: now)), deadline <= now
+                  let (deadline, _) = Self.deadline(of: self.trusted(record, now: now)), deadline <= now
             else { return nil }
             let token = record.refreshToken
             record.signOut(reason: reason, origin: origin)

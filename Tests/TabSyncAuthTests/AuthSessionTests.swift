@@ -74,7 +74,7 @@ struct AuthSessionTests {
                 // Let the access token expire, as time would.
                 var record = try #require(SessionRecord.decode(try sessions[0].storage.get(SessionRecord.key)))
                 record.expiresAt = Date().millisecondsSince1970 - 1000
-                try sessions[0].storage.set(SessionRecord.key, record.encoded())
+                try await sessions[0].storage.set(SessionRecord.key, record.encoded())
             }
             let tokens = try await withThrowingTaskGroup(of: AccessToken.self) { group in
                 for session in sessions { group.addTask { try await session.accessToken() } }
@@ -180,7 +180,7 @@ struct AuthSessionTests {
         // What a refresher leaves behind when it is killed during the HTTP call.
         var record = try #require(SessionRecord.decode(try a.storage.get(SessionRecord.key)))
         record.refreshing = .init(generation: record.generation, pid: 999_999, origin: "dead", startedAt: 0)
-        try a.storage.set(SessionRecord.key, record.encoded())
+        try await a.storage.set(SessionRecord.key, record.encoded())
         let b = try session(directory, "b", server)
         await #expect { try await b.accessToken() } throws: { ($0 as? AuthError)?.code == .refreshFailed }
         #expect(server.refreshCount == 0)

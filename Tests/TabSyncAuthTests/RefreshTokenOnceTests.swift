@@ -138,7 +138,7 @@ struct RefreshTokenOnceTests {
         defer { runner.cancel() }
         // As an older version wrote it: a policy value whose deadline overflows Int64.
         let poisoned = #"{"state":"signedIn","accessToken":"t","refreshToken":"r","expiresAt":4102444800000,"startedAt":1764547200000,"lastActivity":1764547200000,"idleTimeout":9223371000000000000,"generation":1,"failures":0,"eventSerial":1,"event":"signedIn","eventOrigin":"old"}"#
-        try a.storage.set(SessionRecord.key, poisoned)
+        try await a.storage.set(SessionRecord.key, poisoned)
         let problem = await waitFor(events) { if case let .problem(error) = $0 { error.code == .invalidRecord } else { false } }
         #expect(problem != nil)
         #expect(try !a.status().isSignedIn)

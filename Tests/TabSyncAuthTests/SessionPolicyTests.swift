@@ -77,7 +77,7 @@ struct SessionPolicyTests {
         // activity back so that this one counts.
         var earlier = before
         earlier.lastActivity = (before.lastActivity ?? 0) - 5_000
-        try a.storage.set(SessionRecord.key, earlier.encoded())
+        try await a.storage.set(SessionRecord.key, earlier.encoded())
         try b.recordActivity()
         let after = try #require(SessionRecord.decode(try a.storage.get(SessionRecord.key)))
         #expect((after.lastActivity ?? 0) >= (before.lastActivity ?? 0))

@@ -39,6 +39,7 @@ struct DirectoryAndLockFileTests {
             }
         }
         replacer.start()
+        defer { stop.store(true, ordering: .relaxed) }
         let acknowledged = try await withThrowingTaskGroup(of: [Acknowledged].self) { group in
             for (index, writer) in writers.enumerated() {
                 group.addTask {
@@ -68,7 +69,7 @@ struct DirectoryAndLockFileTests {
         let directory = TemporaryDirectory()
         let storage = try SharedStorage(directory: directory.path, origin: "a")
         var notifications = storage.notifications().makeAsyncIterator()
-        try storage.set("k", "1")
+        try await storage.set("k", "1")
         let moved = directory.path + ".moved"
         defer { try? FileManager.default.removeItem(atPath: moved) }
         #expect(rename(directory.path, moved) == 0)
@@ -93,7 +94,7 @@ struct DirectoryAndLockFileTests {
         let directory = TemporaryDirectory()
         let storage = try SharedStorage(directory: directory.path, origin: "a")
         var notifications = storage.notifications().makeAsyncIterator()
-        try storage.set("k", "1")
+        try await storage.set("k", "1")
         try FileManager.default.removeItem(atPath: directory.path)
         let problem = await nextProblem(&notifications)
         #expect(problem?.code == .storeVanished || problem?.code == .directoryChanged, "\(String(describing: problem))")
@@ -108,7 +109,7 @@ struct DirectoryAndLockFileTests {
         let directory = TemporaryDirectory()
         let storage = try SharedStorage(directory: directory.path, origin: "a")
         var notifications = storage.notifications().makeAsyncIterator()
-        try storage.set("k", "1")
+        try await storage.set("k", "1")
         #expect(chmod(directory.path, 0o777) == 0)
         let problem = await nextProblem(&notifications)
         #expect(problem?.code == .insecurePath && problem?.message.contains("0777") == true, "\(String(describing: problem))")
@@ -118,7 +119,7 @@ struct DirectoryAndLockFileTests {
             (error as? TabSyncError)?.code == .insecurePath
         }
         #expect(chmod(directory.path, 0o700) == 0)
-        #expect(try storage.set("k", "2") == 2, "writes go on once the directory is private again")
+        #expect(try await storage.set("k", "2") == 2, "writes go on once the directory is private again")
     }
 
     private func nextProblem(_ iterator: inout AsyncStream<StorageNotification>.Iterator) async -> TabSyncError? {

@@ -17,7 +17,7 @@ struct MissingStateFileTests {
         let observer = try SharedStorage(directory: directory.path, origin: "observer")
         var events = observer.events().makeAsyncIterator()
         var problems = observer.notifications().makeAsyncIterator()
-        try writer.set("a", "1")
+        try await writer.set("a", "1")
         #expect(await next(&events)?.sequence == 1)
 
         #expect(unlink(directory.file("storage.state")) == 0)
@@ -27,7 +27,7 @@ struct MissingStateFileTests {
             if case let .problem(error) = notification { vanished = error.code == .storeVanished && error.path == directory.file("storage.state") }
         }
         #expect(vanished, "the deletion is reported")
-        try writer.set("b", "2")
+        try await writer.set("b", "2")
 
         var seen: [StorageEvent] = []
         while !seen.contains(where: { $0.key == "b" }), let event = await next(&events) { seen.append(event) }

@@ -39,10 +39,10 @@ struct SharedStorageTests {
         let reader = try SharedStorage(directory: directory.path, origin: "reader")
         var writerEvents = writer.events().makeAsyncIterator()
         var readerEvents = reader.events().makeAsyncIterator()
-        try writer.set("a", "1")
-        try writer.set("a", "2")
-        try writer.remove("a")
-        try reader.set("mine", "x")
+        try await writer.set("a", "1")
+        try await writer.set("a", "2")
+        try await writer.remove("a")
+        try await reader.set("mine", "x")
 
         let expected: [(String?, String?, String?)] = [("a", nil, "1"), ("a", "1", "2"), ("a", "2", nil)]
         var lastSequence: UInt64 = 0
@@ -62,7 +62,7 @@ struct SharedStorageTests {
         let directory = TemporaryDirectory()
         let storage = try SharedStorage(directory: directory.path, origin: "self")
         var events = storage.events(includingOwnChanges: true).makeAsyncIterator()
-        try storage.set("k", "v")
+        try await storage.set("k", "v")
         let event = try #require(await next(&events))
         #expect(event.isOwn && event.key == "k" && event.newValue == "v")
     }
@@ -87,13 +87,13 @@ struct SharedStorageTests {
         var options = SharedStorage.Options()
         options.journalLimits = JournalLimits(maximumEntries: 4)
         let writer = try SharedStorage(directory: directory.path, origin: "writer", options: options)
-        try writer.set("gone", "soon")
+        try await writer.set("gone", "soon")
         // The reader's position is taken now; ten changes later the journal (4) no longer reaches it.
         let backend = try FileBackend(directory: SessionDirectory(path: directory.path), name: "storage")
         let reader = try SharedStorage(backend: backend, origin: "reader")
         var events = reader.events().makeAsyncIterator()
         // Hold the reader's delivery back by committing through a backend transaction in one go.
-        try writer.update { values in
+        try await writer.update { values in
             values["gone"] = nil
             for index in 0..<10 { values["k\(index)"] = "\(index)" }
         }
@@ -159,7 +159,7 @@ struct SharedStorageTests {
             let app = try SharedStorage(directory: directory.path, name: "app", origin: "reader")
             let reader = try SharedStorage(directory: directory.path, origin: "reader")
             var events = reader.events().makeAsyncIterator()
-            try writer.set("round", "\(round)")
+            try await writer.set("round", "\(round)")
             let event = await next(&events)
             #expect(event?.newValue == "\(round)", "round \(round)")
             if round.isMultiple(of: 2) { app.close() }

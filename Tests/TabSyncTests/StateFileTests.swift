@@ -71,8 +71,8 @@ struct StateFileTests {
     @Test func aCorruptFileIsMovedAsideAndTheLastProvableStateRecovered() async throws {
         let directory = TemporaryDirectory()
         let writer = try SharedStorage(directory: directory.path, origin: "writer")
-        try writer.set("a", "1")
-        try writer.set("b", "2")
+        try await writer.set("a", "1")
+        try await writer.set("b", "2")
         let observer = try SharedStorage(directory: directory.path, origin: "observer")
         var notifications = observer.notifications().makeAsyncIterator()
         // A foreign program truncates the file in place.
@@ -90,7 +90,7 @@ struct StateFileTests {
         #expect(try writer.snapshot().values == ["a": "1", "b": "2"])
         let aside = try FileManager.default.contentsOfDirectory(atPath: directory.path).filter { $0.hasPrefix("storage.state.corrupt-") }
         #expect(aside.count == 1)
-        try writer.set("c", "3")
+        try await writer.set("c", "3")
         #expect(try observer.get("c") == "3")
     }
 

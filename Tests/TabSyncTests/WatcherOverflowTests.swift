@@ -27,6 +27,10 @@ struct WatcherOverflowTests {
         let session = try SessionDirectory(path: directory.path)
         let entered = DispatchSemaphore(value: 0)
         let release = DispatchSemaphore(value: 0)
+        // Released however the test ends: a watcher thread left stalled would stall every later
+        // registration in the process, and so the whole test run.
+        var released = false
+        defer { if !released { release.signal() } }
         let holding = Flag()
         let (stall, _) = ChangeWatcher.shared.register(directory: session, names: ["stall"], pollInterval: .seconds(1)) { _ in
             if !holding.value.exchange(true, ordering: .relaxed) {
@@ -52,6 +56,7 @@ struct WatcherOverflowTests {
             return try writer.snapshot()
         }
         release.signal()
+        released = true
 
         var view: [String: String] = [:]
         while let event = await next(&events, timeout: .seconds(30)) {
@@ -67,7 +72,7 @@ struct WatcherOverflowTests {
         }
         #expect(ChangeWatcher.shared.overflowCount.load(ordering: .relaxed) > overflowsBefore, "the queue overflowed (\(commits) commits, queue \(queueSize))")
         // After the overflow the observer still follows every change.
-        try writer.set("after", "overflow")
+        try await writer.set("after", "overflow")
         let after = await next(&events)
         #expect(after?.key == "after" && after?.newValue == "overflow" && after?.sequence == final.sequence + 1)
     }

@@ -89,7 +89,7 @@ public final class FileBackend: StorageBackend {
 
     private let cache = Mutex(Cache())
     /// Serialises commits of this instance; the flock serialises processes and instances.
-    private let commitGate = Mutex(())
+    private let commitGate = CommitGate()
     /// The thread inside `commit`, to refuse a commit from inside a commit instead of deadlocking.
     private let committingThread = Atomic<UInt>(0)
     let lockTimeout: Duration
@@ -115,7 +115,7 @@ public final class FileBackend: StorageBackend {
         self.directoryLock = FileLock(directoryOf: directory, name: name)
         if try directory.inspect(stateName) == nil {
             // Creates the file (and its store identifier) so that every reader starts from one store.
-            try commit { _ in }
+            try commitDocument { _ in }
         }
     }
 
@@ -141,13 +141,13 @@ public final class FileBackend: StorageBackend {
             if document.storeID.isEmpty { return try locked { () throws(TabSyncError) in try read().document } }
             return document
         } catch where error.code == .corruptState {
-            return try commit { document in document }
+            return try commitDocument { document in document }
         }
     }
 
     /// Reads the state; nil when it is corrupt and needs a recovery, or missing and needs a look
     /// under the commit lock.
-    public func loadWithoutRecovery() throws(TabSyncError) -> StateDocument? {
+    func loadWithoutRecovery() throws(TabSyncError) -> StateDocument? {
         do {
             let document = try read().document
             return document.storeID.isEmpty ? nil : document
@@ -216,42 +216,75 @@ public final class FileBackend: StorageBackend {
 
     // MARK: Committing
 
-    public func commit<Result>(_ body: (inout StateDocument) throws(TabSyncError) -> Result) throws(TabSyncError) -> Result {
-        try locked { () throws(TabSyncError) in
-            var (document, source, mustWrite) = try readLocked()
-            if document.sequence > StateDocument.maximumSequence - (1 << 24) {
-                // Sequence numbers run out (only a planted file gets this far): go on in a new
-                // store with the same values, which readers resynchronise to.
-                document = StateDocument(values: document.values)
-                (source, mustWrite) = ([], true)
-            }
-            let before = (document.storeID, document.sequence)
-            let result = try body(&document)
-            if mustWrite || document.scrubbed || before != (document.storeID, document.sequence) {
-                try write(document, derivedFrom: source)
-            }
-            return result
+    /// Runs `body` on the state document under the commit locks and writes what it changed.
+    func commitDocument<Result>(_ body: (inout StateDocument) throws(TabSyncError) -> Result) throws(TabSyncError) -> Result {
+        try locked { () throws(TabSyncError) in try commitLocked(body) }
+    }
+
+    /// The commit's read-modify-write, with the locks held.
+    private func commitLocked<Result>(_ body: (inout StateDocument) throws(TabSyncError) -> Result) throws(TabSyncError) -> Result {
+        var (document, source, mustWrite) = try readLocked()
+        if document.sequence > StateDocument.maximumSequence - (1 << 24) {
+            // Sequence numbers run out (only a planted file gets this far): go on in a new
+            // store with the same values, which readers resynchronise to.
+            document = StateDocument(values: document.values)
+            (source, mustWrite) = ([], true)
         }
+        let before = (document.storeID, document.sequence)
+        let result = try body(&document)
+        if mustWrite || document.scrubbed || before != (document.storeID, document.sequence) {
+            try write(document, derivedFrom: source)
+        }
+        return result
     }
 
     /// Runs `body` holding this instance's gate and both commit locks (`NAME.lock`, then the
     /// directory), in a directory checked to be still in place and private.
     private func locked<Result>(_ body: () throws(TabSyncError) -> Result) throws(TabSyncError) -> Result {
-        let thread = UInt(bitPattern: Int(bitPattern: UInt(pthread_self())))
+        let thread = Self.currentThread
         if committingThread.load(ordering: .acquiring) == thread {
             throw TabSyncError(
                 code: .invalidArgument, path: location,
                 message: "A change was made from inside update or transaction on the same storage; make it inside the closure (Transaction.set) instead")
         }
-        return try commitGate.withLock { _ throws(TabSyncError) in
-            committingThread.store(thread, ordering: .releasing)
-            defer { committingThread.store(0, ordering: .releasing) }
-            let started = ContinuousClock.now
-            let hold = try commitLock.acquireBlocking(timeout: lockTimeout)
-            defer { hold.release() }
-            let directoryHold = try directoryLock.acquireBlocking(timeout: max(.zero, lockTimeout - (ContinuousClock.now - started)))
-            defer { directoryHold.release() }
-            return try body()
+        let started = ContinuousClock.now
+        guard commitGate.enter(before: started + lockTimeout) else { throw commitLock.timedOut(after: ContinuousClock.now - started) }
+        defer { commitGate.leave() }
+        let hold = try commitLock.acquireBlocking(timeout: lockTimeout)
+        defer { hold.release() }
+        let directoryHold = try directoryLock.acquireBlocking(timeout: lockTimeout - (ContinuousClock.now - started))
+        defer { directoryHold.release() }
+        return try holdingLocks(body)
+    }
+
+    /// `body`, marked as the commit in progress on this thread (see ``locked(_:)``).
+    private func holdingLocks<Result>(_ body: () throws(TabSyncError) -> Result) throws(TabSyncError) -> Result {
+        committingThread.store(Self.currentThread, ordering: .releasing)
+        defer { committingThread.store(0, ordering: .releasing) }
+        return try body()
+    }
+
+    private static var currentThread: UInt { UInt(bitPattern: Int(bitPattern: UInt(pthread_self()))) }
+
+    /// The async commit: its turn among this instance's commits and its waits for the two locks
+    /// suspend the task (cancellable, bounded by the lock timeout together); the read, `body`,
+    /// the write and the fsync then run on `BlockingPool`, never on a Swift concurrency thread.
+    func commitDocument<Result: Sendable>(
+        _ body: @escaping @Sendable (inout StateDocument) throws(TabSyncError) -> Result
+    ) async throws -> Result {
+        let started = ContinuousClock.now
+        switch await commitGate.enter(before: started + lockTimeout) {
+        case .entered: break
+        case .timedOut: throw commitLock.timedOut(after: ContinuousClock.now - started)
+        case .cancelled: throw CancellationError()
+        }
+        defer { commitGate.leave() }
+        let hold = try await commitLock.acquireWaking(timeout: lockTimeout)
+        defer { hold.release() }
+        let directoryHold = try await directoryLock.acquireWaking(timeout: lockTimeout - (ContinuousClock.now - started))
+        defer { directoryHold.release() }
+        return try await BlockingPool.shared.run { () throws(TabSyncError) -> Result in
+            try self.holdingLocks { () throws(TabSyncError) -> Result in try self.commitLocked(body) }
         }
     }
 
@@ -365,6 +398,75 @@ public final class FileBackend: StorageBackend {
         if durability == .full, fsync(directory.descriptor) != 0 {
             throw TabSyncError.system("fsync", .current, path: directory.path)
         }
+    }
+
+    // MARK: The backend protocol
+
+    public func snapshot() throws(TabSyncError) -> StoreSnapshot {
+        let document = try load()
+        return StoreSnapshot(
+            values: document.values, position: StorePosition(store: document.storeID, sequence: document.sequence),
+            recovery: document.recovery)
+    }
+
+    public func changes(after position: StorePosition, waiting: Bool) throws(TabSyncError) -> StoreChanges? {
+        let document: StateDocument
+        if waiting {
+            document = try load()
+        } else {
+            guard let loaded = try loadWithoutRecovery() else { return nil }
+            document = loaded
+        }
+        return Self.changes(after: position, in: document)
+    }
+
+    /// The records of `document`'s journal after `position`, or a resync when it does not
+    /// reach back that far or is another store.
+    static func changes(after position: StorePosition, in document: StateDocument) -> StoreChanges {
+        guard !document.storeID.isEmpty else { return .missing }
+        // A reader that started before any store existed replays the first store's journal.
+        if position.store == document.storeID || position.store.isEmpty {
+            if document.sequence <= position.sequence { return .records([]) }
+            if let entries = document.entries(after: position.sequence) { return .records(Array(entries)) }
+        }
+        var origins: [String: String] = [:]
+        for entry in document.journal { if let key = entry.key { origins[key] = entry.origin } }
+        let snapshot = StoreSnapshot(
+            values: document.values, position: StorePosition(store: document.storeID, sequence: document.sequence),
+            recovery: document.recovery)
+        return .resync(snapshot, origins: origins)
+    }
+
+    public func commit<Result>(
+        as author: ChangeAuthor, _ body: (inout StoreTransaction) throws(TabSyncError) -> Result
+    ) throws(TabSyncError) -> Result {
+        let limits = journalLimits
+        return try commitDocument { document throws(TabSyncError) in
+            try Self.run(body, on: &document, as: author, limits: limits)
+        }
+    }
+
+    public func commit<Result: Sendable>(
+        as author: ChangeAuthor, _ body: @escaping @Sendable (inout StoreTransaction) throws(TabSyncError) -> Result
+    ) async throws -> Result {
+        let limits = journalLimits
+        return try await commitDocument { document throws(TabSyncError) in
+            try Self.run(body, on: &document, as: author, limits: limits)
+        }
+    }
+
+    /// Runs a transaction on `document` and records its changes in the journal.
+    private static func run<Result>(
+        _ body: (inout StoreTransaction) throws(TabSyncError) -> Result, on document: inout StateDocument,
+        as author: ChangeAuthor, limits: JournalLimits
+    ) throws(TabSyncError) -> Result {
+        var transaction = StoreTransaction(values: document.values, sequence: document.sequence, author: author)
+        let result = try body(&transaction)
+        for record in transaction.records {
+            document.record(key: record.key, newValue: record.newValue, origin: record.origin, instance: record.instance, limits: limits)
+        }
+        for key in transaction.scrubbedKeys.sorted() { document.scrubHistory(of: key) }
+        return result
     }
 
     // MARK: Watching and locks

@@ -13,7 +13,7 @@ import Glibc
 /// A lock file that was replaced while waiting (unlinked and created again) is detected after
 /// locking, and the lock is taken again on the new file. A replacement after that (a temp
 /// cleaner deleting an empty file) cannot be detected: two processes then each hold "the" lock
-/// on a different inode. The lock on the directory (``init(directoryOf:)``) has no such gap:
+/// on a different inode. The lock on the directory (`init(directoryOf:)`) has no such gap:
 /// nobody can replace a directory that a live session holds open, only move it, which the
 /// holder checks after locking (``SessionDirectory/verify()``).
 public final class FileLock: SessionLock {
@@ -75,6 +75,25 @@ public final class FileLock: SessionLock {
             case let .acquired(hold): return hold
             case let .failed(error): throw error
             case .timedOut: throw timedOut(after: ContinuousClock.now - started)
+            case .retry, .cancelled: continue
+            }
+        }
+    }
+
+    /// ``acquireBlocking(timeout:)`` for async callers: the same blocked attempt, awaited by a
+    /// suspended task instead of a blocked thread. Throws `CancellationError` at once when the
+    /// task is cancelled (the attempt goes on, and releases what it takes with nobody waiting).
+    func acquireWaking(timeout: Duration) async throws -> FileLockHold {
+        let started = ContinuousClock.now
+        while true {
+            try Task.checkCancellation()
+            if let hold = try take(blocking: false) { return hold }
+            let remaining = timeout - (ContinuousClock.now - started)
+            switch await attemptBlocking().wait(timeout: max(remaining, .zero)) {
+            case let .acquired(hold): return hold
+            case let .failed(error): throw error
+            case .timedOut: throw timedOut(after: ContinuousClock.now - started)
+            case .cancelled: throw CancellationError()
             case .retry: continue
             }
         }
@@ -151,12 +170,17 @@ public final class FileLock: SessionLock {
     }
 }
 
-/// One blocking `flock` on a thread of its own, and the caller that waits for it (or none).
+/// One blocking `flock` on a thread of its own, and the caller that waits for it (or none): a
+/// blocked thread or a suspended task. Callers come one at a time (each storage instance's
+/// commits take turns before they lock).
 private final class BlockedAttempt: Sendable {
     private struct State {
         var waiting = false
         var finished = false
         var result: Result<FileLockHold, TabSyncError>?
+        /// The suspended task waiting, and its wait's number.
+        var continuation: CheckedContinuation<Outcome, Never>?
+        var waitID: UInt64 = 0
     }
 
     private let state = Mutex(State())
@@ -165,24 +189,35 @@ private final class BlockedAttempt: Sendable {
     var isFinished: Bool { state.withLock { $0.finished } }
 
     func finish(_ result: Result<FileLockHold, TabSyncError>) {
-        let handedOver = state.withLock { state -> Bool in
+        let (handedOver, task) = state.withLock { state -> (Bool, CheckedContinuation<Outcome, Never>?) in
             state.finished = true
-            guard state.waiting else { return false }
+            guard state.waiting else { return (false, nil) }
+            if let task = state.continuation.take() {
+                state.waiting = false
+                return (true, task)
+            }
             state.result = result
-            return true
+            return (true, nil)
         }
-        if handedOver {
+        if let task {
+            switch result {
+            case let .success(hold): task.resume(returning: .acquired(hold))
+            case let .failure(error): task.resume(returning: .failed(error))
+            }
+        } else if handedOver {
             signal.signal()
         } else if case let .success(hold) = result {
             hold.release()
         }
     }
 
-    enum Outcome {
+    enum Outcome: Sendable {
         case acquired(FileLockHold)
         case failed(TabSyncError)
         /// `timeout` passed first; the attempt goes on for a later caller.
         case timedOut
+        /// The waiting task was cancelled; the attempt goes on for a later caller.
+        case cancelled
         /// It had finished with nobody waiting (its lock was released): try again.
         case retry
     }
@@ -194,9 +229,7 @@ private final class BlockedAttempt: Sendable {
             return false
         }
         if finishedAlone { return .retry }
-        let (seconds, attoseconds) = timeout.components
-        let deadline = DispatchTime.now() + .nanoseconds(Int(min(seconds, 86_400) * 1_000_000_000 + attoseconds / 1_000_000_000))
-        _ = signal.wait(timeout: deadline)
+        _ = signal.wait(timeout: .after(timeout))
         return state.withLock { state -> Outcome in
             switch state.result.take() {
             case let .success(hold)?: return .acquired(hold)
@@ -206,6 +239,41 @@ private final class BlockedAttempt: Sendable {
                 return .timedOut
             }
         }
+    }
+
+    func wait(timeout: Duration) async -> Outcome {
+        let id = state.withLock { state in
+            state.waitID += 1
+            return state.waitID
+        }
+        return await withTaskCancellationHandler {
+            await withCheckedContinuation { continuation in
+                let immediate = state.withLock { state -> Outcome? in
+                    if state.finished { return .retry }
+                    if Task.isCancelled { return .cancelled }
+                    state.waiting = true
+                    state.continuation = continuation
+                    return nil
+                }
+                if let immediate {
+                    continuation.resume(returning: immediate)
+                    return
+                }
+                DispatchQueue.global().asyncAfter(deadline: .after(timeout)) { [self] in abandon(id, .timedOut) }
+            }
+        } onCancel: {
+            abandon(id, .cancelled)
+        }
+    }
+
+    /// Ends the task wait `id` with `outcome`, unless the attempt finished first.
+    private func abandon(_ id: UInt64, _ outcome: Outcome) {
+        let task = state.withLock { state -> CheckedContinuation<Outcome, Never>? in
+            guard state.waitID == id, let task = state.continuation.take() else { return nil }
+            state.waiting = false
+            return task
+        }
+        task?.resume(returning: outcome)
     }
 }
 

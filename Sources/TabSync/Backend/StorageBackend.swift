@@ -1,28 +1,51 @@
+import Foundation
+
 /// Where a shared state lives and how its changes are announced.
 ///
-/// ``SharedStorage`` builds events, ordering and catch-up on top of these few operations.
-/// ``FileBackend`` implements them with a session directory, `flock` and inotify; a multi-host
-/// backend (PostgreSQL: a row per storage, `SELECT ... FOR UPDATE`, `LISTEN/NOTIFY`, advisory
-/// locks) implements the same protocol.
+/// ``SharedStorage`` builds events, ordering and catch-up on top of these few operations, which
+/// speak in change records (``ChangeRecord``): a commit turns a ``StoreTransaction`` into
+/// records with consecutive sequence numbers, and a reader asks for the records after its
+/// ``StorePosition``. ``FileBackend`` implements them with a session directory, `flock` and
+/// inotify; ``InMemoryBackend`` within one process, for tests; a network backend (PostgreSQL:
+/// a row per change, advisory locks, `LISTEN/NOTIFY`) implements the same protocol.
+///
+/// Every operation comes in a form that may block its calling thread (for the synchronous API
+/// of ``SharedStorage``) and an async one that must not block a Swift concurrency thread. The
+/// async defaults run the blocking form on a small fixed pool of threads; a backend that can
+/// wait asynchronously (on a network, say) overrides them.
+///
+/// Errors are ``TabSyncError``s; their `path` is the backend's ``location`` or a file in it.
 public protocol StorageBackend: Sendable {
     /// Where the state lives, for messages (a path, a URL without credentials).
     var location: String { get }
 
-    /// Reads the latest committed state, without taking the commit lock.
-    func load() throws(TabSyncError) -> StateDocument
+    /// The latest committed values and their position. May block (a recovery under the commit
+    /// lock, a network round trip).
+    func snapshot() throws(TabSyncError) -> StoreSnapshot
 
-    /// Like ``load()``, but nil where reading it would mean a recovery that waits for the
-    /// commit lock (a corrupt file): the watcher thread reads this way and never waits.
-    func loadWithoutRecovery() throws(TabSyncError) -> StateDocument?
+    /// What a reader at `position` has to catch up on. With `waiting` false it must not wait for
+    /// a lock or the network: it returns nil where it would have to (the watcher thread asks
+    /// this way, and leaves nil to a queue of the storage's own).
+    func changes(after position: StorePosition, waiting: Bool) throws(TabSyncError) -> StoreChanges?
 
-    /// Runs a read-modify-write transaction: `body` gets the latest committed state under
-    /// the exclusive commit lock; a change to its sequence number or store is committed
-    /// atomically before the lock is released. Other processes never see a partial commit.
-    func commit<Result>(_ body: (inout StateDocument) throws(TabSyncError) -> Result) throws(TabSyncError) -> Result
+    /// Runs a read-modify-write transaction: `body` gets the latest committed values under the
+    /// backend's exclusive commit lock; the records it adds are committed atomically, with the
+    /// next sequence numbers, before the lock is released. Other processes see all of them or
+    /// none. Blocks the calling thread, at most the backend's lock timeout.
+    func commit<Result>(
+        as author: ChangeAuthor, _ body: (inout StoreTransaction) throws(TabSyncError) -> Result
+    ) throws(TabSyncError) -> Result
+
+    /// The same transaction for async callers: waits for the lock suspend the task and end with
+    /// `CancellationError` when it is cancelled (nothing is committed then). Throws
+    /// ``TabSyncError`` or `CancellationError`.
+    func commit<Result: Sendable>(
+        as author: ChangeAuthor, _ body: @escaping @Sendable (inout StoreTransaction) throws(TabSyncError) -> Result
+    ) async throws -> Result
 
     /// Calls `handler` whenever the committed state may have changed, until the returned
     /// registration is cancelled. Notifications may be coalesced or spurious; the reader
-    /// compares sequence numbers.
+    /// compares positions. The handler must return quickly.
     func watch(_ handler: @escaping @Sendable (BackendSignal) -> Void) -> any WatchRegistration
 
     /// A named lock shared by every process of the session (the Web Locks idea).
@@ -36,8 +59,121 @@ public protocol StorageBackend: Sendable {
 extension StorageBackend {
     public func queryLocks() -> [LockReport] { [] }
 
-    /// A backend with no recovery under a lock reads as ``load()`` does.
-    public func loadWithoutRecovery() throws(TabSyncError) -> StateDocument? { try load() }
+    public func commit<Result: Sendable>(
+        as author: ChangeAuthor, _ body: @escaping @Sendable (inout StoreTransaction) throws(TabSyncError) -> Result
+    ) async throws -> Result {
+        try Task.checkCancellation()
+        return try await BlockingPool.shared.run { () throws(TabSyncError) -> Result in try commit(as: author, body) }
+    }
+
+    /// ``snapshot()`` for async callers, off the Swift concurrency threads.
+    public func snapshot() async throws(TabSyncError) -> StoreSnapshot {
+        try await BlockingPool.shared.run { () throws(TabSyncError) -> StoreSnapshot in try snapshot() }
+    }
+}
+
+/// One committed change: the unit in which backends store and report history.
+public typealias ChangeRecord = JournalEntry
+
+/// Who makes a commit: the names its change records carry.
+public struct ChangeAuthor: Sendable, Hashable {
+    /// The name of the process (``SharedStorage/origin``).
+    public var origin: String
+    /// The storage instance (``SharedStorage/instanceID``), which tells a reader its own changes.
+    public var instance: String
+
+    public init(origin: String, instance: String) {
+        self.origin = origin
+        self.instance = instance
+    }
+}
+
+/// Where a reader stands: a store (an identifier that is new whenever the state was created from
+/// nothing or recovered) and the sequence number of the last change it has seen there.
+public struct StorePosition: Sendable, Hashable {
+    public var store: String
+    public var sequence: UInt64
+
+    public init(store: String, sequence: UInt64) {
+        self.store = store
+        self.sequence = sequence
+    }
+}
+
+/// The values of a store at a position.
+public struct StoreSnapshot: Sendable, Hashable {
+    public var values: [String: String]
+    public var position: StorePosition
+    /// Set when this store was created by recovering from a corrupt state: what was found and
+    /// what was recovered. Every reader that moves to this store reports it.
+    public var recovery: String?
+
+    public init(values: [String: String], position: StorePosition, recovery: String? = nil) {
+        self.values = values
+        self.position = position
+        self.recovery = recovery
+    }
+}
+
+/// What a reader has to catch up on, from ``StorageBackend/changes(after:waiting:)``.
+public enum StoreChanges: Sendable {
+    /// The records after the reader's position, consecutive and oldest first; empty when it is
+    /// up to date.
+    case records([ChangeRecord])
+    /// The records cannot be replayed: the store is another one (recreated, recovered), or its
+    /// history no longer reaches back to the reader's position. The reader resynchronises to
+    /// these values by difference. `origins` names the last writer of keys where known.
+    case resync(StoreSnapshot, origins: [String: String])
+    /// There is no store (its files were deleted); the next commit creates one.
+    case missing
+}
+
+/// A read-modify-write in progress: the values as committed, and the changes made to them,
+/// which become the commit's records.
+public struct StoreTransaction: Sendable {
+    /// The values, with this transaction's changes applied.
+    public private(set) var values: [String: String]
+    /// The sequence number of the last change, this transaction's included.
+    public private(set) var sequence: UInt64
+    /// The records this transaction adds, oldest first.
+    public private(set) var records: [ChangeRecord] = []
+    /// The keys whose history is to be forgotten (``scrubHistory(of:)``).
+    public private(set) var scrubbedKeys: Set<String> = []
+    let author: ChangeAuthor
+
+    public init(values: [String: String], sequence: UInt64, author: ChangeAuthor) {
+        self.values = values
+        self.sequence = sequence
+        self.author = author
+    }
+
+    /// Sets or removes one key; nothing is recorded when the value does not change.
+    public mutating func set(_ key: String, _ value: String?) {
+        guard values[key] != value else { return }
+        append(key: key, oldValue: values[key], newValue: value)
+        values[key] = value
+    }
+
+    /// Removes every key, as one change with a nil key; nothing is recorded when it is empty.
+    public mutating func clear() {
+        guard !values.isEmpty else { return }
+        append(key: nil, oldValue: nil, newValue: nil)
+        values.removeAll()
+    }
+
+    /// Forgets the past values of `key` wherever the backend keeps history (a journal, a previous
+    /// generation), but its current one: for values such as tokens that must not outlive their
+    /// replacement. Readers far behind then see those changes without values.
+    public mutating func scrubHistory(of key: String) {
+        scrubbedKeys.insert(key)
+    }
+
+    private mutating func append(key: String?, oldValue: String?, newValue: String?) {
+        sequence += 1
+        records.append(ChangeRecord(
+            sequence: sequence, key: key, oldValue: oldValue, newValue: newValue,
+            origin: author.origin, instance: author.instance, time: Int64(Date().timeIntervalSince1970 * 1000)))
+    }
 }
 
 /// What a backend's watch reports.
