@@ -85,6 +85,52 @@ struct InotifyTroubleTests {
         #expect(events.map { $0.string("newValue") } == (1...changes).map { String($0) })
     }
 
+    /// A process that could not have inotify polls; once instances are free again, its next
+    /// registration gets inotify: a failed `inotify_init` is retried, and does not doom the
+    /// process to polling. `tabsync watch` opens a storage as it appears, which is such a
+    /// registration; the kernel tells whether the process holds an inotify instance.
+    @Test(.enabled(if: geteuid() == 0 && FileManager.default.isExecutableFile(atPath: "/usr/bin/setpriv"),
+                   "needs root and setpriv to run the processes as another user"))
+    func aFailedInotifyIsRetriedAtTheNextRegistration() async throws {
+        let directory = temporaryDirectory("inotify-retry")
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        #expect(mkdir(directory, 0o700) == 0 && chown(directory, 65534, 65534) == 0)
+        let asNobody = ["--reuid=65534", "--regid=65534", "--clear-groups", "--"]
+        // A storage to follow, made while inotify instances are still to be had.
+        let maker = try ChildProcess("/usr/bin/setpriv", asNobody + ["\(productsDirectory)/tab", "--dir", directory, "--name", "maker", "--json"], name: "maker")
+        try await maker.waitFor("ready") { $0.type == "ready" }
+        maker.stop()
+        try await maker.waitForExit()  // and its own instance is free again
+
+        let hog = try ChildProcess("/usr/bin/setpriv", asNobody + ["/usr/bin/python3", "-c", Self.instanceHog], name: "hog")
+        defer { hog.stop() }
+        _ = try await hog.waitFor("the instances held") { $0.type == "held" }
+        let watch = try ChildProcess("/usr/bin/setpriv", asNobody + ["\(productsDirectory)/tabsync", "watch", directory, "--json"], name: "watch")
+        defer { watch.stop() }
+        try await watch.waitFor("ready") { $0.type == "ready" }
+        let pid = watch.process.processIdentifier
+        #expect(Self.inotifyInstances(of: pid) == 0, "it polls: no instance to be had")
+
+        hog.stop()
+        try await hog.waitForExit()
+        // A new storage appears (a copy of a valid state file, nobody's, 0600).
+        let copy = "\(directory)/extra.state"
+        try Data(contentsOf: URL(fileURLWithPath: "\(directory)/app.state")).write(to: URL(fileURLWithPath: copy))
+        #expect(chmod(copy, 0o600) == 0 && chown(copy, 65534, 65534) == 0)
+        try await watch.waitFor("the new storage") { $0.type == "storageFound" && $0.string("storage") == "extra" }
+        let deadline = ContinuousClock.now + .seconds(20)
+        while Self.inotifyInstances(of: pid) == 0, ContinuousClock.now < deadline {
+            try await Task.sleep(for: .milliseconds(50))
+        }
+        #expect(Self.inotifyInstances(of: pid) > 0, "the registration after the failure got inotify")
+    }
+
+    /// How many inotify instances process `pid` holds (descriptors that link to `anon_inode:inotify`).
+    static func inotifyInstances(of pid: Int32) -> Int {
+        let fds = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/fd")) ?? []
+        return fds.filter { (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(pid)/fd/\($0)")) == "anon_inode:inotify" }.count
+    }
+
     /// Opens inotify instances until the kernel refuses, reports how many and why, then waits.
     static let instanceHog = """
         import ctypes, errno, json, sys
