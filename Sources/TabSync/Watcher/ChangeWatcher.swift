@@ -267,9 +267,10 @@ final class ChangeWatcher: Sendable {
                 errno: .current))
         }
         defer { unlink(path) }
-        // IN_ATTRIB is for the directory itself (a chmod that opens it up); on its files it only
-        // reports link counts and times, and is dropped in dispatch.
-        let mask = UInt32(IN_MOVED_TO | IN_CLOSE_WRITE | IN_DELETE | IN_MOVED_FROM | IN_DELETE_SELF | IN_MOVE_SELF | IN_ATTRIB | IN_ONLYDIR)
+        // No IN_ATTRIB: a chmod of the directory is seen at the next commit or signal, and on the
+        // files it would wake every reader once more per commit (the link kept for recovery
+        // changes the state file's link count), which storms of 64 processes measurably pay.
+        let mask = UInt32(IN_MOVED_TO | IN_CLOSE_WRITE | IN_DELETE | IN_MOVED_FROM | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR)
         guard inotifytools_watch_file(path, Int32(bitPattern: mask)) != 0 else {
             let errno = Errno(rawValue: inotifytools_error())
             let hint = errno == .noSpace ? "; the inotify watch limit is exhausted, see /proc/sys/fs/inotify/max_user_watches" : ""
@@ -305,10 +306,8 @@ final class ChangeWatcher: Sendable {
         }
         let overflow = mask & UInt32(IN_Q_OVERFLOW) != 0
         if overflow { overflowCount.add(1, ordering: .relaxed) }
-        let attributesOnly = mask & UInt32(IN_ATTRIB) != 0 && mask & UInt32(IN_MOVED_TO | IN_CLOSE_WRITE | IN_DELETE | IN_MOVED_FROM) == 0
-        if attributesOnly, name != nil { return }
-        // The directory itself was deleted, moved, or had its owner or mode changed.
-        let whole = overflow || attributesOnly || mask & UInt32(IN_DELETE_SELF | IN_MOVE_SELF) != 0
+        // The directory itself was deleted or moved.
+        let whole = overflow || mask & UInt32(IN_DELETE_SELF | IN_MOVE_SELF) != 0
         let targets: [Registration] = state.withLock { state in
             state.registrations.values.filter { registration in
                 if overflow { return true }
