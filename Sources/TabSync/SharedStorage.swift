@@ -231,8 +231,7 @@ public final class SharedStorage: Sendable {
     /// current one when the storage was already empty.
     @discardableResult
     public func clear() throws(TabSyncError) -> UInt64 {
-        try checkOpen()
-        return try backend.commit(as: author) { transaction throws(TabSyncError) in
+        try transaction { (transaction: inout Transaction) throws(TabSyncError) in
             transaction.clear()
             return transaction.sequence
         }
@@ -243,17 +242,26 @@ public final class SharedStorage: Sendable {
     /// Returns the sequence number of the last change.
     @discardableResult
     public func update(_ body: (inout [String: String]) -> Void) throws(TabSyncError) -> UInt64 {
-        try checkOpen()
-        return try backend.commit(as: author) { transaction throws(TabSyncError) in
-            Self.apply(body, to: &transaction)
-        }
+        try transaction { (transaction: inout Transaction) throws(TabSyncError) in Self.apply(body, to: &transaction) }
     }
 
     /// Runs `body` on the latest state under the commit lock and commits what it changed.
     /// For layers built on top (the auth session stores its record this way).
     public func transaction<Result>(_ body: (inout Transaction) throws(TabSyncError) -> Result) throws(TabSyncError) -> Result {
         try checkOpen()
-        return try backend.commit(as: author, body)
+        do {
+            return try backend.commit(as: author, body)
+        } catch {
+            reportIfMisplaced(error)
+            throw error
+        }
+    }
+
+    /// A directory moved, deleted or opened up is reported on the streams too, not only to the
+    /// caller whose commit it refused.
+    private func reportIfMisplaced(_ error: any Error) {
+        guard let error = error as? TabSyncError, error.code == .directoryChanged || error.code == .insecurePath else { return }
+        report(error)
     }
 
     /// Like `transaction(_:)` (closure throwing `TabSyncError`), for a closure that throws the caller's own error type: when
@@ -311,8 +319,7 @@ public final class SharedStorage: Sendable {
     /// ``clear()-9ar17`` for async code; see ``set(_:_:)-372bf``.
     @discardableResult
     public func clear() async throws -> UInt64 {
-        try checkOpen()
-        return try await backend.commit(as: author) { transaction throws(TabSyncError) in
+        try await transaction { transaction throws(TabSyncError) in
             transaction.clear()
             return transaction.sequence
         }
@@ -322,10 +329,7 @@ public final class SharedStorage: Sendable {
     /// locks. See ``set(_:_:)-372bf``.
     @discardableResult
     public func update(_ body: @escaping @Sendable (inout [String: String]) -> Void) async throws -> UInt64 {
-        try checkOpen()
-        return try await backend.commit(as: author) { transaction throws(TabSyncError) in
-            Self.apply(body, to: &transaction)
-        }
+        try await transaction { transaction throws(TabSyncError) in Self.apply(body, to: &transaction) }
     }
 
     /// ``transaction(_:)`` for async code; `body` runs on one of TabSync's threads, under the
@@ -334,7 +338,12 @@ public final class SharedStorage: Sendable {
         _ body: @escaping @Sendable (inout Transaction) throws(TabSyncError) -> Result
     ) async throws -> Result {
         try checkOpen()
-        return try await backend.commit(as: author, body)
+        do {
+            return try await backend.commit(as: author, body)
+        } catch {
+            reportIfMisplaced(error)
+            throw error
+        }
     }
 
     /// Records each key whose value `body` changes as its own change, in sorted key order.
@@ -478,8 +487,11 @@ public final class SharedStorage: Sendable {
             report(error)
             return true
         }
-        let events: [StorageEvent]
         var recovered: TabSyncError?
+        // The view, the position and the subscribers that get the events change under one lock:
+        // a subscriber that `observe()` adds is given the view either before these events (and
+        // gets them) or after (and does not).
+        let delivered: (events: [StorageEvent], subscribers: [Subscriber])
         switch changes {
         case .missing:
             // Deleted by someone (a missing store is looked at under the commit lock, so this is
@@ -492,47 +504,50 @@ public final class SharedStorage: Sendable {
                     message: "The storage's state was deleted while in use; its values are gone, and the next commit starts a new store"))
             }
             return true
-        case let .records(records):
-            guard !records.isEmpty else {
-                delivery.withLock { $0.lastProblem = nil }
-                return true
-            }
-            events = records.map { record in
+        case let .records(records, store):
+            let events = records.map { record in
                 StorageEvent(
                     key: record.key, oldValue: record.oldValue, newValue: record.newValue, origin: record.origin,
                     sequence: record.sequence, isOwn: record.instance == instanceID)
             }
-            delivery.withLock { delivery in
+            delivered = delivery.withLock { delivery in
+                delivery.lastProblem = nil
+                guard !delivery.closed, delivery.position == position, let last = records.last else {
+                    // Nothing new; a reader that began before any store existed adopts it.
+                    if position.store.isEmpty, delivery.position == position {
+                        delivery.position = StorePosition(store: store, sequence: position.sequence)
+                    }
+                    return ([], [])
+                }
                 for record in records {
                     if let key = record.key { delivery.view[key] = record.newValue } else { delivery.view.removeAll() }
                 }
-                delivery.position = StorePosition(store: position.store, sequence: records.last!.sequence)
+                delivery.position = StorePosition(store: store, sequence: last.sequence)
+                return (events, Array(delivery.subscribers.values))
             }
         case let .resync(snapshot, origins):
-            let old = delivery.withLock { $0.view }
-            let sequence = snapshot.position.sequence
-            events = Set(old.keys).union(snapshot.values.keys).sorted().compactMap { key in
-                guard old[key] != snapshot.values[key] else { return nil }
-                return StorageEvent(
-                    key: key, oldValue: old[key], newValue: snapshot.values[key], origin: origins[key] ?? "",
-                    sequence: sequence, isResync: true)
-            }
-            delivery.withLock { delivery in
+            delivered = delivery.withLock { delivery in
+                delivery.lastProblem = nil
+                guard !delivery.closed, delivery.position == position else { return ([], []) }
+                let old = delivery.view
+                let events = Set(old.keys).union(snapshot.values.keys).sorted().compactMap { key -> StorageEvent? in
+                    guard old[key] != snapshot.values[key] else { return nil }
+                    return StorageEvent(
+                        key: key, oldValue: old[key], newValue: snapshot.values[key], origin: origins[key] ?? "",
+                        sequence: snapshot.position.sequence, isResync: true)
+                }
                 delivery.position = snapshot.position
                 delivery.view = snapshot.values
+                return (events, Array(delivery.subscribers.values))
             }
             if snapshot.position.store != position.store, !position.store.isEmpty, let note = snapshot.recovery {
                 recovered = TabSyncError(code: .corruptState, path: backend.location, message: note)
             }
         }
-        let subscribers = delivery.withLock { delivery -> [Subscriber] in
-            delivery.lastProblem = nil
-            return delivery.closed ? [] : Array(delivery.subscribers.values)
-        }
         defer { if let recovered { report(recovered) } }
         // Handed over outside `delivery` (see deliveryOrder), in sequence order.
-        for event in events {
-            for subscriber in subscribers where !event.isOwn || subscriber.includeOwn {
+        for event in delivered.events {
+            for subscriber in delivered.subscribers where !event.isOwn || subscriber.includeOwn {
                 subscriber.deliver(.change(event))
             }
         }

@@ -217,6 +217,20 @@ public final class AuthSession: Sendable {
         return result
     }
 
+    /// Runs `operation` to its end whether or not the calling task is cancelled.
+    private static func uncancelled<Result: Sendable>(
+        _ operation: @escaping @Sendable () async throws(AuthError) -> Result
+    ) async throws(AuthError) -> Result {
+        let task = Task { () async -> Swift.Result<Result, AuthError> in
+            do throws(AuthError) {
+                return .success(try await operation())
+            } catch {
+                return .failure(error)
+            }
+        }
+        return try await task.value.get()
+    }
+
     /// What aborts the storage transaction when the change's body throws.
     private static let abandoned = TabSyncError(code: .invalidArgument, path: nil, message: "The change was abandoned")
 
@@ -492,8 +506,12 @@ public final class AuthSession: Sendable {
         case let .present(refreshToken):
             let outcome = await present(refreshToken, with: client)
             let result: SessionMachine.RefreshResult
-            do {
-                result = try await change { record in machine.apply(outcome, to: &record, generation: generation, now: self.now, origin: origin) }
+            do throws(AuthError) {
+                // Committed even if this task is cancelled meanwhile: the server may have rotated
+                // the refresh token, and the new one must not be lost.
+                result = try await Self.uncancelled { () async throws(AuthError) -> SessionMachine.RefreshResult in
+                    try await self.change { record in machine.apply(outcome, to: &record, generation: generation, now: self.now, origin: origin) }
+                }
             } catch {
                 // The marker `refreshing` stays: whoever comes next ends the session rather than
                 // present a refresh token that the server may have rotated.

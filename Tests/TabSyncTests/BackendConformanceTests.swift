@@ -95,11 +95,11 @@ struct BackendConformanceTests {
         for index in 1...10 { try await a.set("k\(index)", "\(index)") }
         let now = try await a.backend.snapshot()
         #expect(now.position.sequence == 10)
-        guard case let .records(records)? = try a.backend.changes(after: StorePosition(store: now.position.store, sequence: 8), waiting: true) else {
+        guard case let .records(records, store: recordStore)? = try a.backend.changes(after: StorePosition(store: now.position.store, sequence: 8), waiting: true) else {
             Issue.record("no records after 8")
             return
         }
-        #expect(records.map(\.sequence) == [9, 10] && records.map(\.key) == ["k9", "k10"])
+        #expect(records.map(\.sequence) == [9, 10] && records.map(\.key) == ["k9", "k10"] && recordStore == now.position.store)
         guard case let .resync(snapshot, origins)? = try a.backend.changes(after: StorePosition(store: now.position.store, sequence: 2), waiting: true) else {
             Issue.record("no resync for a reader beyond the history")
             return

@@ -109,6 +109,27 @@ struct BoundedLockTests {
         #expect(try storage.get("inner") == nil)
     }
 
+    /// Both storages lock the same directory: the inner commit would wait for the lock that its
+    /// own thread holds, until the lock timeout. It is refused at once instead.
+    @Test func aCommitToAnotherStorageOfTheDirectoryFromInsideUpdateIsRefusedAtOnce() throws {
+        let directory = TemporaryDirectory()
+        let outer = try SharedStorage(directory: directory.path, name: "outer", origin: "a")
+        let other = try SharedStorage(directory: directory.path, name: "other", origin: "a")
+        let inner = Mutex<TabSyncError?>(nil)
+        let started = ContinuousClock.now
+        try outer.update { values in
+            values["k"] = "1"
+            do throws(TabSyncError) {
+                _ = try other.set("k", "2")
+            } catch {
+                inner.withLock { $0 = error }
+            }
+        }
+        #expect(inner.withLock { $0?.code } == .invalidArgument)
+        #expect(ContinuousClock.now - started < .seconds(5), "not at the lock timeout (10 s)")
+        #expect(try other.set("k", "2") == 1, "and one after the other works")
+    }
+
     @Test func observationStartsWithTheValuesAndMissesNoChangeAfterThem() async throws {
         let directory = TemporaryDirectory()
         let writer = try SharedStorage(directory: directory.path, origin: "writer")

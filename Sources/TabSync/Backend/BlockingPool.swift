@@ -37,24 +37,47 @@ final class BlockingPool: Sendable {
         return try outcome.get()
     }
 
+    private enum Hand { case wakeIdle, startThread, leaveQueued }
+
     private func submit(_ job: @escaping @Sendable () -> Void) {
-        let startThread = state.withLock { state -> Bool in
+        let hand = state.withLock { state -> Hand in
             state.jobs.append(job)
             if state.idle > 0 {
                 state.idle -= 1
-                return false
+                return .wakeIdle
             }
-            guard state.started < Self.threadCount else { return false }
+            guard state.started < Self.threadCount else { return .leaveQueued }
             state.started += 1
-            return true
+            return .startThread
         }
-        if startThread {
+        switch hand {
+        case .wakeIdle:
+            available.signal()
+        case .startThread:
             let thread = Thread { [self] in work() }
             thread.name = "TabSync.io"
             thread.start()
-        } else {
-            available.signal()
+        case .leaveQueued:
+            break  // a busy thread takes it when it is done
         }
+    }
+
+    /// Runs `work`, which may wait (for a lock, the network), on a thread of its own: for the
+    /// default async forms of ``StorageBackend``, whose blocking operations must not occupy the
+    /// pool's few threads (a commit holding its locks could then wait for one).
+    static func runOnOwnThread<Result: Sendable>(_ work: @escaping @Sendable () throws(TabSyncError) -> Result) async throws(TabSyncError) -> Result {
+        let outcome = await withCheckedContinuation { (continuation: CheckedContinuation<Swift.Result<Result, TabSyncError>, Never>) in
+            let thread = Thread {
+                do throws(TabSyncError) {
+                    continuation.resume(returning: .success(try work()))
+                } catch {
+                    continuation.resume(returning: .failure(error))
+                }
+            }
+            thread.name = "TabSync.blocking"
+            thread.start()
+        }
+        return try outcome.get()
     }
 
     private func work() {

@@ -247,10 +247,16 @@ public final class FileBackend: StorageBackend {
                 code: .invalidArgument, path: location,
                 message: "A change was made from inside update or transaction on the same storage; make it inside the closure (Transaction.set) instead")
         }
+        if Self.directoryCommitter.withLock({ $0[ChangeWatcher.DirectoryKey(directory)] }) == thread {
+            throw TabSyncError(
+                code: .invalidArgument, path: location,
+                message: "A change was made from inside update or transaction on another storage of the same session directory; a commit holds the directory's lock, so make the changes one after the other")
+        }
         let started = ContinuousClock.now
         guard commitGate.enter(before: started + lockTimeout) else { throw commitLock.timedOut(after: ContinuousClock.now - started) }
         defer { commitGate.leave() }
-        let hold = try commitLock.acquireBlocking(timeout: lockTimeout)
+        // One bound for the three waits together.
+        let hold = try commitLock.acquireBlocking(timeout: lockTimeout - (ContinuousClock.now - started))
         defer { hold.release() }
         let directoryHold = try directoryLock.acquireBlocking(timeout: lockTimeout - (ContinuousClock.now - started))
         defer { directoryHold.release() }
@@ -259,10 +265,20 @@ public final class FileBackend: StorageBackend {
 
     /// `body`, marked as the commit in progress on this thread (see ``locked(_:)``).
     private func holdingLocks<Result>(_ body: () throws(TabSyncError) -> Result) throws(TabSyncError) -> Result {
-        committingThread.store(Self.currentThread, ordering: .releasing)
-        defer { committingThread.store(0, ordering: .releasing) }
+        let thread = Self.currentThread, key = ChangeWatcher.DirectoryKey(directory)
+        committingThread.store(thread, ordering: .releasing)
+        Self.directoryCommitter.withLock { $0[key] = thread }
+        defer {
+            committingThread.store(0, ordering: .releasing)
+            Self.directoryCommitter.withLock { _ = $0.removeValue(forKey: key) }
+        }
         return try body()
     }
+
+    /// The thread inside a commit in each directory (by device and inode) in this process: a
+    /// commit of another storage of that directory from inside it would wait for the directory
+    /// lock its own thread holds, until the lock timeout; it is refused at once instead.
+    private static let directoryCommitter = Mutex<[ChangeWatcher.DirectoryKey: UInt]>([:])
 
     private static var currentThread: UInt { UInt(bitPattern: Int(bitPattern: UInt(pthread_self()))) }
 
@@ -279,7 +295,7 @@ public final class FileBackend: StorageBackend {
         case .cancelled: throw CancellationError()
         }
         defer { commitGate.leave() }
-        let hold = try await commitLock.acquireWaking(timeout: lockTimeout)
+        let hold = try await commitLock.acquireWaking(timeout: lockTimeout - (ContinuousClock.now - started))
         defer { hold.release() }
         let directoryHold = try await directoryLock.acquireWaking(timeout: lockTimeout - (ContinuousClock.now - started))
         defer { directoryHold.release() }
@@ -426,8 +442,8 @@ public final class FileBackend: StorageBackend {
         guard !document.storeID.isEmpty else { return .missing }
         // A reader that started before any store existed replays the first store's journal.
         if position.store == document.storeID || position.store.isEmpty {
-            if document.sequence <= position.sequence { return .records([]) }
-            if let entries = document.entries(after: position.sequence) { return .records(Array(entries)) }
+            if document.sequence <= position.sequence { return .records([], store: document.storeID) }
+            if let entries = document.entries(after: position.sequence) { return .records(Array(entries), store: document.storeID) }
         }
         var origins: [String: String] = [:]
         for entry in document.journal { if let key = entry.key { origins[key] = entry.origin } }

@@ -71,7 +71,9 @@ public final class FileLock: SessionLock {
         while true {
             if let hold = try take(blocking: false) { return hold }
             let remaining = timeout - (ContinuousClock.now - started)
-            switch attemptBlocking().wait(timeout: max(remaining, .zero)) {
+            // Nothing left of the bound: no blocked attempt to start for it.
+            if remaining <= .zero { throw timedOut(after: ContinuousClock.now - started) }
+            switch attemptBlocking().wait(timeout: remaining) {
             case let .acquired(hold): return hold
             case let .failed(error): throw error
             case .timedOut: throw timedOut(after: ContinuousClock.now - started)
@@ -89,7 +91,8 @@ public final class FileLock: SessionLock {
             try Task.checkCancellation()
             if let hold = try take(blocking: false) { return hold }
             let remaining = timeout - (ContinuousClock.now - started)
-            switch await attemptBlocking().wait(timeout: max(remaining, .zero)) {
+            if remaining <= .zero { throw timedOut(after: ContinuousClock.now - started) }
+            switch await attemptBlocking().wait(timeout: remaining) {
             case let .acquired(hold): return hold
             case let .failed(error): throw error
             case .timedOut: throw timedOut(after: ContinuousClock.now - started)

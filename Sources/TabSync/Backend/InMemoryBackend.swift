@@ -51,9 +51,9 @@ public final class InMemoryBackend: StorageBackend {
     public func changes(after position: StorePosition, waiting: Bool) throws(TabSyncError) -> StoreChanges? {
         store.withLock { store in
             if position.store == store.id || position.store.isEmpty {
-                if store.sequence <= position.sequence { return .records([]) }
+                if store.sequence <= position.sequence { return .records([], store: store.id) }
                 if let first = store.records.first, first.sequence <= position.sequence + 1 {
-                    return .records(Array(store.records[Int(position.sequence + 1 - first.sequence)...]))
+                    return .records(Array(store.records[Int(position.sequence + 1 - first.sequence)...]), store: store.id)
                 }
             }
             var origins: [String: String] = [:]
@@ -99,11 +99,14 @@ public final class InMemoryBackend: StorageBackend {
             store.sequence = transaction.sequence
             store.records.append(contentsOf: transaction.records)
             if store.records.count > historyLimit { store.records.removeFirst(store.records.count - historyLimit) }
-            // As the file backend's scrub: past values of the key survive nowhere, its current one stays.
-            let newest = store.records.lastIndex { $0.key.map(scrubbed.contains) ?? false }
-            for index in store.records.indices where store.records[index].key.map(scrubbed.contains) ?? !scrubbed.isEmpty {
-                store.records[index].oldValue = nil
-                if index != newest { store.records[index].newValue = nil }
+            // As the file backend's scrub (StateDocument.scrubHistory): past values of each key
+            // survive nowhere, its current one (its newest record's new value) stays.
+            for key in scrubbed {
+                let newest = store.records.lastIndex { $0.key == key }
+                for index in store.records.indices where store.records[index].key == key || store.records[index].key == nil {
+                    store.records[index].oldValue = nil
+                    if index != newest { store.records[index].newValue = nil }
+                }
             }
             return Array(store.watchers.values)
         }

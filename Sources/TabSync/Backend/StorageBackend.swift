@@ -11,8 +11,8 @@ import Foundation
 ///
 /// Every operation comes in a form that may block its calling thread (for the synchronous API
 /// of ``SharedStorage``) and an async one that must not block a Swift concurrency thread. The
-/// async defaults run the blocking form on a small fixed pool of threads; a backend that can
-/// wait asynchronously (on a network, say) overrides them.
+/// async defaults run the blocking form on a thread of its own per call; a backend that can wait
+/// asynchronously (on a network, say) overrides them, as ``FileBackend`` and ``InMemoryBackend`` do.
 ///
 /// Errors are ``TabSyncError``s; their `path` is the backend's ``location`` or a file in it.
 public protocol StorageBackend: Sendable {
@@ -63,12 +63,12 @@ extension StorageBackend {
         as author: ChangeAuthor, _ body: @escaping @Sendable (inout StoreTransaction) throws(TabSyncError) -> Result
     ) async throws -> Result {
         try Task.checkCancellation()
-        return try await BlockingPool.shared.run { () throws(TabSyncError) -> Result in try commit(as: author, body) }
+        return try await BlockingPool.runOnOwnThread { () throws(TabSyncError) -> Result in try commit(as: author, body) }
     }
 
     /// ``snapshot()`` for async callers, off the Swift concurrency threads.
     public func snapshot() async throws(TabSyncError) -> StoreSnapshot {
-        try await BlockingPool.shared.run { () throws(TabSyncError) -> StoreSnapshot in try snapshot() }
+        try await BlockingPool.runOnOwnThread { () throws(TabSyncError) -> StoreSnapshot in try snapshot() }
     }
 }
 
@@ -117,9 +117,10 @@ public struct StoreSnapshot: Sendable, Hashable {
 
 /// What a reader has to catch up on, from ``StorageBackend/changes(after:waiting:)``.
 public enum StoreChanges: Sendable {
-    /// The records after the reader's position, consecutive and oldest first; empty when it is
-    /// up to date.
-    case records([ChangeRecord])
+    /// The records after the reader's position in `store`, consecutive and oldest first; empty
+    /// when it is up to date. (`store` is the reader's own, except for a reader that began
+    /// before any store existed, which adopts it.)
+    case records([ChangeRecord], store: String)
     /// The records cannot be replayed: the store is another one (recreated, recovered), or its
     /// history no longer reaches back to the reader's position. The reader resynchronises to
     /// these values by difference. `origins` names the last writer of keys where known.
