@@ -138,11 +138,22 @@ public final class FileBackend: StorageBackend {
     public func load() throws(TabSyncError) -> StateDocument {
         do {
             let document = try read().document
-            if document.storeID.isEmpty { return try locked { () throws(TabSyncError) in try read().document } }
+            if document.storeID.isEmpty { return try readAgainAfterRecovery() }
             return document
         } catch where error.code == .corruptState {
             return try commitDocument { document in document }
         }
+    }
+
+    /// The state read again once `NAME.lock` is free, for a state file found missing: a recovery
+    /// holds that lock while the file is briefly missing. The lock file is not created (a
+    /// directory being deleted must not get files back); without one, the store is gone.
+    private func readAgainAfterRecovery() throws(TabSyncError) -> StateDocument {
+        // Inside this instance's own commit (a read from its closure) the lock is this thread's.
+        if committingThread.load(ordering: .acquiring) == Self.currentThread { return StateDocument(storeID: "") }
+        guard let hold = try commitLock.acquireIfExists(timeout: lockTimeout) else { return StateDocument(storeID: "") }
+        defer { hold.release() }
+        return try read().document
     }
 
     /// Reads the state; nil when it is corrupt and needs a recovery, or missing and needs a look
@@ -385,6 +396,11 @@ public final class FileBackend: StorageBackend {
             _ = unlinkat(directory.descriptor, temporaryName, 0)
             throw error
         }
+        // Closed before the rename, so that readers, who watch the state file's name, get one
+        // event per commit (the rename's IN_MOVED_TO), not a second one for the close.
+        var temporary = stat()
+        let known = fstat(fd, &temporary) == 0
+        close(fd)
         // Keep the generation being replaced, for recovery (unless its history was scrubbed).
         _ = unlinkat(directory.descriptor, previousName, 0)
         if !document.scrubbed {
@@ -392,16 +408,16 @@ public final class FileBackend: StorageBackend {
         }
         guard renameat(directory.descriptor, temporaryName, directory.descriptor, stateName) == 0 else {
             let errno = Errno.current
-            close(fd)
             _ = unlinkat(directory.descriptor, temporaryName, 0)
             throw TabSyncError.system("renameat", errno, path: location)
         }
         // The identity of the file just renamed into place (the rename changed its ctime), so
         // that the next commit and this process's own change notification find the document
-        // in the cache instead of decoding what was just encoded.
+        // in the cache instead of decoding what was just encoded. Read by name, which is safe
+        // under the commit lock (nobody else renames), and checked to be the file written.
         var info = stat()
-        let identity = fstat(fd, &info) == 0 ? FileIdentity(info) : nil
-        close(fd)
+        let identity = known && fstatat(directory.descriptor, stateName, &info, AT_SYMLINK_NOFOLLOW) == 0
+            && info.st_ino == temporary.st_ino && info.st_dev == temporary.st_dev ? FileIdentity(info) : nil
         var written = document
         written.scrubbed = false  // not stored: a decoded document never has it
         cache.withLock { [memo] cache in

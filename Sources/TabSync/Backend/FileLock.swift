@@ -147,26 +147,65 @@ public final class FileLock: SessionLock {
             holders: report.holders)
     }
 
+    /// Waits (polling, on the calling thread) until the lock file is free, without creating it:
+    /// nil when there is no lock file. For a look under the lock that must not put a file back
+    /// into a directory that is being deleted.
+    func acquireIfExists(timeout: Duration) throws(TabSyncError) -> FileLockHold? {
+        let started = ContinuousClock.now
+        var pause: UInt32 = 1_000
+        while true {
+            switch try take(blocking: false, create: false) {
+            case let .held(hold): return hold
+            case .absent: return nil
+            case .busy: break
+            }
+            if ContinuousClock.now - started >= timeout { throw timedOut(after: ContinuousClock.now - started) }
+            usleep(pause)
+            pause = min(pause * 2, 20_000)
+        }
+    }
+
     /// Opens the lock file and flocks it. Returns nil when not blocking and it is held elsewhere.
     func take(blocking: Bool) throws(TabSyncError) -> FileLockHold? {
+        switch try take(blocking: blocking, create: true) {
+        case let .held(hold): hold
+        case .busy, .absent: nil
+        }
+    }
+
+    private enum Take {
+        case held(FileLockHold)
+        case busy
+        case absent
+    }
+
+    private func take(blocking: Bool, create: Bool) throws(TabSyncError) -> Take {
         let path = isDirectory ? directory.path : directory.path(of: fileName)
         while true {
-            let fd = isDirectory ? try directory.reopen() : try directory.openFile(fileName, flags: O_RDWR, create: true)
+            let fd: Int32
+            if isDirectory {
+                fd = try directory.reopen()
+            } else if create {
+                fd = try directory.openFile(fileName, flags: O_RDWR, create: true)
+            } else {
+                guard let existing = try directory.openExisting(fileName, flags: O_RDWR) else { return .absent }
+                fd = existing
+            }
             while flock(fd, blocking ? LOCK_EX : LOCK_EX | LOCK_NB) != 0 {
                 let errno = Errno.current
                 if errno == .interrupted { continue }
                 close(fd)
-                if errno == .wouldBlock { return nil }
+                if errno == .wouldBlock { return .busy }
                 throw TabSyncError.system("flock", errno, path: path)
             }
             // The directory is the one opened (its path is checked by the caller); a file we
             // locked must still be the one at the name.
-            if isDirectory { return FileLockHold(descriptor: fd) }
+            if isDirectory { return .held(FileLockHold(descriptor: fd)) }
             var held = stat()
             var current = stat()
             if fstat(fd, &held) == 0, fstatat(directory.descriptor, fileName, &current, AT_SYMLINK_NOFOLLOW) == 0,
                held.st_ino == current.st_ino, held.st_dev == current.st_dev {
-                return FileLockHold(descriptor: fd)
+                return .held(FileLockHold(descriptor: fd))
             }
             close(fd)
         }

@@ -1,0 +1,61 @@
+import Foundation
+import Synchronization
+import Testing
+@testable import TabSync
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+extension WatcherThreadTests {
+    /// Issue 11, point 2 (one wake per change): each commit signals each reader once. The
+    /// temporary file used to be closed after the rename, which raised a second event for the
+    /// state file's name (IN_CLOSE_WRITE after IN_MOVED_TO): every reader woke twice per commit.
+    @Suite(.timeLimit(.minutes(1)))
+    struct OneWakePerCommitTests {
+        @Test func eachCommitSignalsAReaderOnce() async throws {
+            let directory = TemporaryDirectory()
+            var options = SharedStorage.Options()
+            options.durability = .none
+            let writer = try SharedStorage(directory: directory.path, origin: "writer", options: options)
+            let reader = try FileBackend(directory: SessionDirectory(path: directory.path), name: "storage")
+            let signals = Atomic<Int>(0)
+            let watch = reader.watch { signal in
+                if case .mayHaveChanged = signal { signals.add(1, ordering: .relaxed) }
+            }
+            defer { watch.cancel() }
+            try #require(watch.detection == .inotify, "this test needs inotify")
+            // A fence: the watcher thread dispatches events in the order they came, so once the
+            // fence file's event is handled, every event of the commits before it has been too.
+            let fenced = Atomic<Bool>(false)
+            let (fence, _) = ChangeWatcher.shared.register(
+                directory: try SessionDirectory(path: directory.path), names: ["fence"], pollInterval: .seconds(1)
+            ) { _ in fenced.store(true, ordering: .releasing) }
+            defer { ChangeWatcher.shared.unregister(fence) }
+
+            // The process has one inotify queue for every directory it watches: a flood in
+            // another suite's directory can overflow it, and an overflow signals every reader
+            // once instead of per event. Such a round tells nothing and is run again.
+            let commits = 20
+            var counted: Int?
+            for round in 0..<5 where counted == nil {
+                let overflows = ChangeWatcher.shared.overflowCount.load(ordering: .relaxed)
+                signals.store(0, ordering: .relaxed)
+                fenced.store(false, ordering: .relaxed)
+                try await offPool { for index in 1...commits { try writer.set("k", "\(round).\(index)") } }
+                let fd = open(directory.file("fence"), O_WRONLY | O_CREAT, 0o600)
+                close(fd)
+                let deadline = ContinuousClock.now + .seconds(20)
+                while !fenced.load(ordering: .acquiring), ContinuousClock.now < deadline {
+                    try await Task.sleep(for: .milliseconds(5))
+                }
+                let fenceSeen = fenced.load(ordering: .acquiring)
+                #expect(fenceSeen, "the fence came through")
+                if ChangeWatcher.shared.overflowCount.load(ordering: .relaxed) == overflows {
+                    counted = signals.load(ordering: .relaxed)
+                }
+            }
+            #expect(counted == commits, "\(String(describing: counted)) signals for \(commits) commits")
+        }
+    }
+}
