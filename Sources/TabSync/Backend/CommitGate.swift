@@ -53,6 +53,9 @@ final class CommitGate: Sendable {
         return true
     }
 
+    /// Whether someone has the turn now.
+    var isBusy: Bool { state.withLock { $0.busy } }
+
     /// Takes the turn if nobody has it.
     func tryEnter() -> Bool {
         state.withLock { state in

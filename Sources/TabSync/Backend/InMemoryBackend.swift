@@ -167,9 +167,7 @@ private final class MemoryLock: SessionLock {
     }
 
     func query() -> LockReport {
-        let busy = !gate.tryEnter()
-        if !busy { gate.leave() }
-        return LockReport(name: name, path: location, holders: busy ? [LockHolder(pid: getpid())] : [], waiters: [])
+        LockReport(name: name, path: location, holders: gate.isBusy ? [LockHolder(pid: getpid())] : [], waiters: [])
     }
 
     func timedOut(after waited: Duration) -> TabSyncError {
