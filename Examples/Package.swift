@@ -32,10 +32,13 @@ let package = Package(
         .package(url: "https://github.com/swhitty/FlyingFox", from: "0.27.1"),
     ],
     targets: [
+        // What tab and tabsync share: JSON lines and whole-line writes to standard output.
+        .target(name: "ExampleSupport", path: "Support", swiftSettings: strictSettings),
         // One tab of a shared session (docs/tab-protocol.md).
         .executableTarget(
             name: "tab",
             dependencies: [
+                "ExampleSupport",
                 .product(name: "TabSync", package: root),
                 .product(name: "TabSyncAuth", package: root),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
@@ -49,6 +52,7 @@ let package = Package(
         .executableTarget(
             name: "TabSyncTool",
             dependencies: [
+                "ExampleSupport",
                 .product(name: "TabSync", package: root),
                 .product(name: "TabSyncAuth", package: root),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),

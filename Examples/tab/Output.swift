@@ -1,50 +1,9 @@
+import ExampleSupport
 import Foundation
-import Synchronization
 
 #if canImport(Glibc)
 import Glibc
 #endif
-
-/// A JSON value for one output line; objects keep their key order.
-enum JSON: Sendable {
-    case string(String)
-    case int(Int64)
-    case bool(Bool)
-    case null
-    case object([(String, JSON)])
-    case array([JSON])
-
-    static func from(_ text: String?) -> JSON { text.map(JSON.string) ?? .null }
-    static func from(_ number: Int64?) -> JSON { number.map(JSON.int) ?? .null }
-
-    var encoded: String {
-        switch self {
-        case let .string(text): return Self.quote(text)
-        case let .int(number): return String(number)
-        case let .bool(value): return value ? "true" : "false"
-        case .null: return "null"
-        case let .object(fields): return "{" + fields.map { Self.quote($0.0) + ":" + $0.1.encoded }.joined(separator: ",") + "}"
-        case let .array(elements): return "[" + elements.map(\.encoded).joined(separator: ",") + "]"
-        }
-    }
-
-    static func quote(_ text: String) -> String {
-        var out = "\""
-        for scalar in text.unicodeScalars {
-            switch scalar {
-            case "\"": out += "\\\""
-            case "\\": out += "\\\\"
-            case "\n": out += "\\n"
-            case "\r": out += "\\r"
-            case "\t": out += "\\t"
-            case _ where scalar.value < 0x20:
-                out += String(format: "\\u%04x", scalar.value)
-            default: out.unicodeScalars.append(scalar)
-            }
-        }
-        return out + "\""
-    }
-}
 
 /// Writes whole lines to standard output, one `write` each, so that lines from concurrent
 /// tasks never interleave and each is visible to a reading process at once.
@@ -52,7 +11,7 @@ final class Output: Sendable {
     let json: Bool
     let name: String
     let colour: Bool
-    private let lock = Mutex(())
+    private let writer = LineWriter()
 
     init(json: Bool, name: String) {
         self.json = json
@@ -65,19 +24,9 @@ final class Output: Sendable {
         write(json ? JSON.object(fields).encoded : readable(fields))
     }
 
+    /// A reader that went away (a closed pipe) loses the line; the tab goes on.
     func write(_ line: String) {
-        let bytes = Array((line + "\n").utf8)
-        lock.withLock { _ in
-            var done = 0
-            while done < bytes.count {
-                let written = bytes.withUnsafeBytes { Glibc.write(STDOUT_FILENO, $0.baseAddress! + done, bytes.count - done) }
-                if written < 0 {
-                    if errno == EINTR { continue }
-                    return
-                }
-                done += written
-            }
-        }
+        writer.write(line)
     }
 
     private func readable(_ fields: [(String, JSON)]) -> String {

@@ -1,64 +1,15 @@
+import ExampleSupport
 import Foundation
-import Synchronization
 
 #if canImport(Glibc)
 import Glibc
 #endif
 
-/// A JSON value for the tool's output; objects keep their key order.
-enum JSON: Sendable {
-    case string(String)
-    case int(Int64)
-    case bool(Bool)
-    case null
-    case array([JSON])
-    case object([(String, JSON)])
-
-    static func from(_ text: String?) -> JSON { text.map(JSON.string) ?? .null }
-    static func from(_ number: Int64?) -> JSON { number.map(JSON.int) ?? .null }
-    static func from(_ number: Int?) -> JSON { number.map { .int(Int64($0)) } ?? .null }
-    static func from(_ flag: Bool?) -> JSON { flag.map(JSON.bool) ?? .null }
-    /// A time as milliseconds since 1970, as `tab` prints them.
-    static func time(_ date: Date?) -> JSON { date.map { .int(Int64(($0.timeIntervalSince1970 * 1000).rounded())) } ?? .null }
-
-    /// Compact JSON on one line.
-    var encoded: String {
-        switch self {
-        case let .string(text): Self.quote(text)
-        case let .int(number): String(number)
-        case let .bool(flag): flag ? "true" : "false"
-        case .null: "null"
-        case let .array(items): "[" + items.map(\.encoded).joined(separator: ",") + "]"
-        case let .object(fields): "{" + fields.map { Self.quote($0.0) + ":" + $0.1.encoded }.joined(separator: ",") + "}"
-        }
-    }
-
-    /// A JSON string. Besides what JSON requires, DEL, the C1 controls and the characters that
-    /// reorder or break lines (U+2028, U+2029, bidirectional controls) are written as `\u` escapes,
-    /// so that JSON output read on a terminal cannot drive it either.
-    static func quote(_ text: String) -> String {
-        var out = "\""
-        for scalar in text.unicodeScalars {
-            switch scalar {
-            case "\"": out += "\\\""
-            case "\\": out += "\\\\"
-            case "\n": out += "\\n"
-            case "\r": out += "\\r"
-            case "\t": out += "\\t"
-            case _ where Display.isUnsafe(scalar):
-                out += String(format: "\\u%04x", scalar.value)
-            default: out.unicodeScalars.append(scalar)
-            }
-        }
-        return out + "\""
-    }
-}
-
 /// Writes whole lines to standard output, one `write(2)` each, so that lines from concurrent
 /// tasks never interleave and a reading process sees each at once.
 final class LineOutput: Sendable {
     let json: Bool
-    private let lock = Mutex(())
+    private let writer = LineWriter()
 
     init(json: Bool) {
         self.json = json
@@ -70,19 +21,8 @@ final class LineOutput: Sendable {
     }
 
     func write(_ line: String) {
-        let bytes = Array((line + "\n").utf8)
-        lock.withLock { _ in
-            var done = 0
-            while done < bytes.count {
-                let written = bytes.withUnsafeBytes { Glibc.write(STDOUT_FILENO, $0.baseAddress! + done, bytes.count - done) }
-                if written < 0 {
-                    if errno == EINTR { continue }
-                    // The reader went away (a closed pipe): nothing more can be said.
-                    Glibc.exit(0)
-                }
-                done += written
-            }
-        }
+        // The reader went away (a closed pipe): nothing more can be said.
+        if !writer.write(line) { Glibc.exit(0) }
     }
 }
 
@@ -90,15 +30,8 @@ final class LineOutput: Sendable {
 /// command names) is shown with its control characters and escape sequences escaped, never raw,
 /// so that no process can change the terminal's title, move its cursor or print a fake line.
 enum Display {
-    /// True for the scalars a terminal may act on or that reorder text: C0 and C1 controls, DEL,
-    /// the line and paragraph separators and the bidirectional controls.
-    static func isUnsafe(_ scalar: Unicode.Scalar) -> Bool {
-        switch scalar.value {
-        case 0x00..<0x20, 0x7F...0x9F: true
-        case 0x061C, 0x200E, 0x200F, 0x2028, 0x2029, 0x202A...0x202E, 0x2066...0x2069: true
-        default: false
-        }
-    }
+    /// See ``isTerminalUnsafe(_:)``.
+    static func isUnsafe(_ scalar: Unicode.Scalar) -> Bool { isTerminalUnsafe(scalar) }
 
     /// `text` with every unsafe scalar and the backslash escaped: `\e` for ESC, `\a` for BEL,
     /// `\n`, `\r`, `\t`, `\xHH` for other controls, `\u{HHHH}` for the others, `\\` for `\`.
