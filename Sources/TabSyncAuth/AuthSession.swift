@@ -448,11 +448,16 @@ public final class AuthSession: Sendable {
                 }
             }
             group.addTask {
+                let movedOn = { (record: SessionRecord) in
+                    record.generation != generation || record.state != .signedIn || (record.backoffUntil ?? .min) > self.now
+                }
                 for await event in changes where event.key == SessionRecord.key || event.key == nil {
-                    let record = SessionRecord.decode(event.newValue) ?? SessionRecord()
-                    if record.generation != generation || record.state != .signedIn || (record.backoffUntil ?? .min) > self.now {
-                        return .movedOn(record)
-                    }
+                    // This process's view may lag behind the store (a busy watcher, a loaded
+                    // machine), and then an event is an old change: one of an earlier refresh
+                    // would hand over an outdated token. The stored record decides.
+                    guard movedOn(SessionRecord.decode(event.newValue) ?? SessionRecord()) else { continue }
+                    guard let (latest, _) = try? self.record() else { continue }
+                    if movedOn(latest) { return .movedOn(latest) }
                 }
                 return nil
             }

@@ -8,9 +8,11 @@ import Glibc
 #endif
 
 extension WatcherThreadTests {
-    /// Issue 11, point 2 (one wake per change): each commit signals each reader once. The
-    /// temporary file used to be closed after the rename, which raised a second event for the
-    /// state file's name (IN_CLOSE_WRITE after IN_MOVED_TO): every reader woke twice per commit.
+    /// Issue 11, point 2 (one wake per change): each commit signals each reader once, also in
+    /// an app that starts child processes meanwhile. The temporary file used to be closed after
+    /// the rename, which raised a second event for the state file's name (IN_CLOSE_WRITE after
+    /// IN_MOVED_TO): every reader woke twice per commit. A child forked while the file is open
+    /// does the same with its late close, so readers of the state file ignore IN_CLOSE_WRITE.
     @Suite(.timeLimit(.minutes(1)))
     struct OneWakePerCommitTests {
         @Test func eachCommitSignalsAReaderOnce() async throws {
@@ -36,13 +38,28 @@ extension WatcherThreadTests {
             // The process has one inotify queue for every directory it watches: a flood in
             // another suite's directory can overflow it, and an overflow signals every reader
             // once instead of per event. Such a round tells nothing and is run again.
-            let commits = 20
+            let commits = 100
             var counted: Int?
             for round in 0..<5 where counted == nil {
                 let overflows = ChangeWatcher.shared.overflowCount.load(ordering: .relaxed)
                 signals.store(0, ordering: .relaxed)
                 fenced.store(false, ordering: .relaxed)
+                // The app starts child processes meanwhile, as apps do: a child forked while a
+                // commit's temporary file is open holds it until its exec, and its late close
+                // then raises IN_CLOSE_WRITE under the state file's new name.
+                let spawning = Atomic<Bool>(true)
+                let spawner = Thread {
+                    while spawning.load(ordering: .relaxed) {
+                        var pid: pid_t = 0
+                        let argv: [UnsafeMutablePointer<CChar>?] = [strdup("/bin/true"), nil]
+                        defer { free(argv[0]) }
+                        if posix_spawn(&pid, "/bin/true", nil, nil, argv, environ) == 0 { waitpid(pid, nil, 0) }
+                    }
+                }
+                spawner.start()
+                defer { spawning.store(false, ordering: .relaxed) }
                 try await offPool { for index in 1...commits { try writer.set("k", "\(round).\(index)") } }
+                spawning.store(false, ordering: .relaxed)
                 let fd = open(directory.file("fence"), O_WRONLY | O_CREAT, 0o600)
                 close(fd)
                 let deadline = ContinuousClock.now + .seconds(20)

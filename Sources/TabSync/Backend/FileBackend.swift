@@ -505,7 +505,7 @@ public final class FileBackend: StorageBackend {
 
     public func watch(_ handler: @escaping @Sendable (BackendSignal) -> Void) -> any WatchRegistration {
         let (id, detection) = ChangeWatcher.shared.register(
-            directory: directory, names: [stateName], pollInterval: pollInterval
+            directory: directory, names: [stateName], events: ChangeWatcher.replacementEvents, pollInterval: pollInterval
         ) { signal in
             switch signal {
             case .changed: handler(.mayHaveChanged)

@@ -55,6 +55,8 @@ final class ChangeWatcher: Sendable {
         let id: UInt64
         let directory: SessionDirectory
         let names: Set<String>
+        /// The events (inotify mask bits) that signal this registration for one of its names.
+        let events: UInt32
         let handler: Handler
         /// The storage's `Options.pollInterval`, used if inotify stops serving it.
         let pollInterval: Duration
@@ -97,9 +99,25 @@ final class ChangeWatcher: Sendable {
     /// Overflows seen (IN_Q_OVERFLOW), for tests and diagnostics.
     let overflowCount = Atomic<Int>(0)
 
-    /// Watches `directory` for changes to the files called `names`.
+    /// Everything the directory's watch reports about its files.
+    static let allFileEvents = UInt32(IN_MOVED_TO | IN_CLOSE_WRITE | IN_DELETE | IN_MOVED_FROM)
+
+    /// A file replaced by rename, moved away or deleted; not a close after writing.
+    ///
+    /// A file that is only ever replaced by rename needs no `IN_CLOSE_WRITE`, and would get
+    /// spurious ones: a child process forked while the writer's temporary file is open (any
+    /// `posix_spawn` or `Process` of the app, on any thread) holds that file until its `exec`,
+    /// and the close that then comes raises `IN_CLOSE_WRITE` under the name the file was
+    /// renamed to, after its `IN_MOVED_TO`.
+    static let replacementEvents = UInt32(IN_MOVED_TO | IN_DELETE | IN_MOVED_FROM)
+
+    /// Watches `directory` for `events` on the files called `names`; whatever the events, the
+    /// directory's own deletion or move and a queue overflow signal every registration.
     /// Returns the registration's id and how it is being watched.
-    func register(directory: SessionDirectory, names: Set<String>, pollInterval: Duration, handler: @escaping Handler) -> (UInt64, ChangeDetection) {
+    func register(
+        directory: SessionDirectory, names: Set<String>, events: UInt32 = allFileEvents, pollInterval: Duration,
+        handler: @escaping Handler
+    ) -> (UInt64, ChangeDetection) {
         if directory.isRemoteFileSystem {
             return poll(directory, names, pollInterval, handler, reason: "the directory is on a network or FUSE file system, which raises no inotify events for other hosts")
         }
@@ -111,7 +129,8 @@ final class ChangeWatcher: Sendable {
         let start: (UInt64, Bool) = state.withLock { state in
             let id = state.nextID
             state.nextID += 1
-            state.registrations[id] = Registration(id: id, directory: directory, names: names, handler: handler, pollInterval: pollInterval)
+            state.registrations[id] = Registration(
+                id: id, directory: directory, names: names, events: events, handler: handler, pollInterval: pollInterval)
             state.commands.append(.add(id: id) { result in
                 outcome.withLock { $0 = result }
                 done.signal()
@@ -270,7 +289,7 @@ final class ChangeWatcher: Sendable {
         // No IN_ATTRIB: a chmod of the directory is seen at the next commit or signal, and on the
         // files it would wake every reader once more per commit (the link kept for recovery
         // changes the state file's link count), which storms of 64 processes measurably pay.
-        let mask = UInt32(IN_MOVED_TO | IN_CLOSE_WRITE | IN_DELETE | IN_MOVED_FROM | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR)
+        let mask = Self.allFileEvents | UInt32(IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR)
         guard inotifytools_watch_file(path, Int32(bitPattern: mask)) != 0 else {
             let errno = Errno(rawValue: inotifytools_error())
             let hint = errno == .noSpace ? "; the inotify watch limit is exhausted, see /proc/sys/fs/inotify/max_user_watches" : ""
@@ -312,7 +331,8 @@ final class ChangeWatcher: Sendable {
             state.registrations.values.filter { registration in
                 if overflow { return true }
                 guard registration.watch == watch else { return false }
-                return whole || name.map(registration.names.contains) ?? true
+                if whole { return true }
+                return name.map { registration.names.contains($0) && mask & registration.events != 0 } ?? true
             }
         }
         for registration in targets {
