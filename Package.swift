@@ -14,6 +14,8 @@ let package = Package(
     products: [
         .library(name: "TabSync", targets: ["TabSync"]),
         .library(name: "TabSyncAuth", targets: ["TabSyncAuth"]),
+        // For authors of backends: the checks every StorageBackend must pass (Swift Testing).
+        .library(name: "TabSyncConformance", targets: ["TabSyncConformance"]),
     ],
     dependencies: [
         // The libraries' one dependency. The examples, the demo and the dev token server are a
@@ -47,9 +49,15 @@ let package = Package(
             ],
             swiftSettings: strictSettings
         ),
+        // The backend conformance suite, run by TabSyncTests and by TabSyncPostgres's tests.
+        .target(
+            name: "TabSyncConformance",
+            dependencies: ["TabSync"],
+            swiftSettings: strictSettings
+        ),
         .testTarget(
             name: "TabSyncTests",
-            dependencies: ["TabSync"],
+            dependencies: ["TabSync", "TabSyncConformance"],
             swiftSettings: strictSettings
         ),
         .testTarget(

@@ -100,6 +100,10 @@ struct StorageStatus {
             .object([("mode", .string("inotify"))])
         case let .polling(interval, reason):
             .object([("mode", .string("polling")), ("intervalMs", .int(milliseconds(interval))), ("reason", .string(reason))])
+        case let .notifications(channel):
+            .object([("mode", .string("notifications")), ("channel", .string(channel))])
+        case let .reconnecting(reason):
+            .object([("mode", .string("reconnecting")), ("reason", .string(reason))])
         }
     }
 
@@ -113,6 +117,8 @@ struct StorageStatus {
         switch detection {
         case .inotify?: text += "inotify"
         case let .polling(interval, reason)?: text += "polling every \(Self.milliseconds(interval)) ms (\(Display.escaped(reason)))"
+        case let .notifications(channel)?: text += "notifications on \(Display.escaped(channel))"
+        case let .reconnecting(reason)?: text += "reconnecting (\(Display.escaped(reason)))"
         case nil: text += "detection unknown"
         }
         if let recovery { text += "; recovered: \(Display.escaped(recovery))" }

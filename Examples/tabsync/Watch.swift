@@ -178,6 +178,10 @@ final class EventPrinter: Sendable {
             fields.append(("mode", .string("inotify")))
         case let .polling(interval, reason):
             fields += [("mode", .string("polling")), ("intervalMs", .int(StorageStatus.milliseconds(interval))), ("reason", .string(reason))]
+        case let .notifications(channel):
+            fields += [("mode", .string("notifications")), ("channel", .string(channel))]
+        case let .reconnecting(reason):
+            fields += [("mode", .string("reconnecting")), ("reason", .string(reason))]
         }
         output.emit(fields, human: "\(Display.name(storage)): change detection now \(Display.escaped(detection.description))")
     }

@@ -29,6 +29,7 @@ public struct TabSyncError: Error, Sendable, Hashable, CustomStringConvertible {
             case lockTimeout
             case directoryChanged
             case storeVanished
+            case unavailable
         }
 
         let kind: Kind
@@ -64,6 +65,9 @@ public struct TabSyncError: Error, Sendable, Hashable, CustomStringConvertible {
         /// ``SharedStorage/notifications(includingOwnChanges:)``). Its values are gone; the next
         /// commit starts a new store, which every reader resynchronises to.
         public static let storeVanished = Code(kind: .storeVanished)
+        /// A network backend's server could not be reached, or the connection was lost before
+        /// the operation completed. A commit that fails so was not applied.
+        public static let unavailable = Code(kind: .unavailable)
 
         public var description: String { kind.rawValue }
     }

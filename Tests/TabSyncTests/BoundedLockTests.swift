@@ -78,7 +78,15 @@ struct BoundedLockTests {
         options.lockTimeout = .milliseconds(300)
         let storage = try SharedStorage(directory: directory.path, origin: "a", options: options)
         let commitLock = try FileLock(directory: SessionDirectory(path: directory.path), name: "storage")
-        let hold = try #require(try commitLock.tryAcquire())
+        // A child that another test forks while the storage holds the lock (opening it) shares
+        // the lock until its exec: a few milliseconds, hence a short wait rather than one try.
+        var taken = try commitLock.tryAcquire()
+        let deadline = ContinuousClock.now + .seconds(2)
+        while taken == nil, ContinuousClock.now < deadline {
+            Thread.sleep(forTimeInterval: 0.01)
+            taken = try commitLock.tryAcquire()
+        }
+        let hold = try #require(taken)
         defer { hold.release() }
         let started = ContinuousClock.now
         #expect {

@@ -1,3 +1,4 @@
+import Foundation
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -23,20 +24,66 @@ public enum ProcessState: String, Sendable, Hashable {
     }
 }
 
-/// A process that holds or waits for a lock, as `/proc` shows it.
+/// A process that holds or waits for a lock, as `/proc` shows it (and, for a network backend,
+/// as its server does).
 public struct LockHolder: Sendable, Hashable, CustomStringConvertible {
     public var pid: Int32
-    /// The command name (`/proc/PID/comm`), "" when the process is gone.
+    /// The command name (`/proc/PID/comm`), "" when the process is gone or on another host.
     public var command: String
+    /// The process's state; ``ProcessState/unknown`` for a process on another host.
     public var state: ProcessState
+    /// For a network backend's lock: the holder's connection as the server sees it.
+    public var connection: ServerConnection?
 
+    /// A process of this machine, described from `/proc`.
     public init(pid: Int32) {
         self.pid = pid
         command = Proc.read("/proc/\(pid)/comm").map { String($0.prefix { $0 != "\n" }) } ?? ""
         state = ProcessState(pid: pid)
     }
 
-    public var description: String { "process \(pid) (\(command.isEmpty ? "?" : command), \(state.rawValue))" }
+    public init(pid: Int32, command: String, state: ProcessState, connection: ServerConnection?) {
+        self.pid = pid
+        self.command = command
+        self.state = state
+        self.connection = connection
+    }
+
+    public var description: String {
+        let process = "process \(pid) (\(command.isEmpty ? "?" : command), \(state.rawValue))"
+        guard let connection else { return process }
+        return "\(process) on \(connection)"
+    }
+}
+
+/// A database session that holds or waits for a lock, as the server reports it (for PostgreSQL,
+/// `pg_stat_activity`).
+public struct ServerConnection: Sendable, Hashable, CustomStringConvertible {
+    /// The host the holder runs on, as it named itself.
+    public var host: String
+    /// The server process serving the connection (PostgreSQL's backend pid).
+    public var serverPID: Int32
+    /// The connection's application name.
+    public var applicationName: String
+    /// The client's address as the server sees it; nil for a Unix socket.
+    public var clientAddress: String?
+    /// When the lock was taken or the wait began (the server's clock), where known.
+    public var since: Date?
+
+    public init(host: String, serverPID: Int32, applicationName: String, clientAddress: String?, since: Date?) {
+        self.host = host
+        self.serverPID = serverPID
+        self.applicationName = applicationName
+        self.clientAddress = clientAddress
+        self.since = since
+    }
+
+    public var description: String {
+        var text = "host \(host) (server pid \(serverPID), application \(applicationName)"
+        if let clientAddress { text += ", from \(clientAddress)" }
+        if let since { text += ", since \(since)" }
+        return text + ")"
+    }
 }
 
 /// Who holds a lock file and who waits for it, like the Web Locks API's `query()`. Read from
@@ -51,6 +98,13 @@ public struct LockReport: Sendable, Hashable {
     /// Processes blocked in `flock` on it. Waiters that poll (TabSync's own, see
     /// ``SessionLock/acquire(timeout:)``) do not show here.
     public var waiters: [LockHolder]
+
+    public init(name: String, path: String, holders: [LockHolder], waiters: [LockHolder]) {
+        self.name = name
+        self.path = path
+        self.holders = holders
+        self.waiters = waiters
+    }
 }
 
 enum Proc {

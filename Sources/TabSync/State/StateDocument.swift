@@ -116,6 +116,16 @@ public struct JournalEntry: Sendable, Hashable, Codable {
     /// Wall-clock time of the commit, milliseconds since 1970.
     public var time: Int64
 
+    public init(sequence: UInt64, key: String?, oldValue: String?, newValue: String?, origin: String, instance: String, time: Int64) {
+        self.sequence = sequence
+        self.key = key
+        self.oldValue = oldValue
+        self.newValue = newValue
+        self.origin = origin
+        self.instance = instance
+        self.time = time
+    }
+
     enum CodingKeys: String, CodingKey {
         case sequence = "seq"
         case key

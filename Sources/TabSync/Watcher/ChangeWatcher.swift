@@ -12,11 +12,18 @@ public enum ChangeDetection: Sendable, Hashable, CustomStringConvertible {
     case inotify
     /// Periodic checks, because inotify could not serve this directory; `reason` says why.
     case polling(interval: Duration, reason: String)
+    /// A network backend's server announces changes (PostgreSQL's `LISTEN/NOTIFY` on `channel`).
+    case notifications(channel: String)
+    /// A network backend lost its connection to the server and is reconnecting; changes made
+    /// meanwhile are delivered once it is back (`reason` says what happened).
+    case reconnecting(reason: String)
 
     public var description: String {
         switch self {
         case .inotify: "inotify"
         case let .polling(interval, reason): "polling every \(interval) (\(reason))"
+        case let .notifications(channel): "notifications on \(channel)"
+        case let .reconnecting(reason): "reconnecting (\(reason))"
         }
     }
 }

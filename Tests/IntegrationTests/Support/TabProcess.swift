@@ -42,6 +42,8 @@ final class ChildProcess: Sendable {
     private let input: FileHandle
     private let lines = Mutex<[String]>([])
     private let errors = Mutex<String>("")
+    /// Output pipes read to their end (two: standard output and standard error).
+    private let endedPipes = Atomic<Int>(0)
 
     init(_ executable: String, _ arguments: [String], name: String, environment: [String: String] = [:]) throws {
         self.name = name
@@ -58,12 +60,13 @@ final class ChildProcess: Sendable {
         try process.run()
         self.process = process
         self.input = stdin.fileHandleForWriting
-        Self.readLines(stdout.fileHandleForReading) { [self] line in lines.withLock { $0.append(line) } }
-        Self.readLines(stderr.fileHandleForReading) { [self] line in errors.withLock { $0 += line + "\n" } }
+        Self.readLines(stdout.fileHandleForReading, ended: { [self] in endedPipes.add(1, ordering: .releasing) }) { [self] line in lines.withLock { $0.append(line) } }
+        Self.readLines(stderr.fileHandleForReading, ended: { [self] in endedPipes.add(1, ordering: .releasing) }) { [self] line in errors.withLock { $0 += line + "\n" } }
     }
 
-    /// Delivers each line of `handle` (a last one without a newline too) on a thread of its own.
-    static func readLines(_ handle: FileHandle, _ deliver: @escaping @Sendable (String) -> Void) {
+    /// Delivers each line of `handle` (a last one without a newline too) on a thread of its own,
+    /// then calls `ended`.
+    static func readLines(_ handle: FileHandle, ended: @escaping @Sendable () -> Void = {}, _ deliver: @escaping @Sendable (String) -> Void) {
         let thread = Thread {
             var buffer = Data()
             while true {
@@ -76,6 +79,7 @@ final class ChildProcess: Sendable {
                 }
             }
             if !buffer.isEmpty { deliver(String(decoding: buffer, as: UTF8.self)) }
+            ended()
         }
         thread.start()
     }
@@ -114,7 +118,7 @@ final class ChildProcess: Sendable {
             if ContinuousClock.now >= deadline {
                 throw TestFailure("\(name): timed out after \(timeout) waiting for \(count) × \(description); got \(matches.count). Output:\n\(output.suffix(20).joined(separator: "\n"))\nstderr: \(standardError)")
             }
-            if !process.isRunning, matches.count < count, objects.filter(predicate).count < count {
+            if !process.isRunning, matches.count < count, await outputRead(by: deadline), objects.filter(predicate).count < count {
                 throw TestFailure("\(name): exited (\(process.terminationStatus)) while waiting for \(description). stderr: \(standardError)")
             }
             try await Task.sleep(for: .milliseconds(10))
@@ -148,6 +152,17 @@ final class ChildProcess: Sendable {
             }
             try await Task.sleep(for: .milliseconds(5))
         }
+        // What it wrote last may still be in the pipes.
+        _ = await outputRead(by: deadline)
+    }
+
+    /// Waits until both output pipes have been read to their end, or `deadline` (a child that
+    /// inherited them can hold them open). Returns true.
+    private func outputRead(by deadline: ContinuousClock.Instant) async -> Bool {
+        while endedPipes.load(ordering: .acquiring) < 2, ContinuousClock.now < deadline {
+            try? await Task.sleep(for: .milliseconds(5))
+        }
+        return true
     }
 
     /// Ends the process: end of input, then SIGTERM, then SIGKILL after `grace`. Bounded in time:

@@ -1,0 +1,237 @@
+import Foundation
+import Synchronization
+import TabSync
+import Testing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A backend under test: it makes stores on which ``BackendConformance`` opens storages, as
+/// processes open one store.
+public protocol BackendUnderTest: Sendable {
+    /// A new, empty store. `lockTimeout` bounds its commit-lock waits; `history` is how many
+    /// change records it keeps for readers that fall behind.
+    func makeStore(lockTimeout: Duration, history: Int) throws -> any ConformanceStore
+}
+
+/// One store of a backend under test.
+public protocol ConformanceStore: Sendable {
+    /// A storage on the store with its own backend instance (connections, descriptors, locks),
+    /// exactly as a separate process would have.
+    func open(_ origin: String) throws -> SharedStorage
+}
+
+/// What every ``StorageBackend`` must do, checked the same way against each: run every case
+/// against a backend from a parameterised test.
+///
+/// ```swift
+/// @Test(arguments: BackendConformance.allCases)
+/// func conformance(_ check: BackendConformance) async throws {
+///     try await check.run(on: MyBackendUnderTest())
+/// }
+/// ```
+public enum BackendConformance: String, CaseIterable, Sendable, CustomTestStringConvertible {
+    case everyChangeReachesTheOthersOnceInOrderAndNeverItsAuthor
+    case aSetThatChangesNothingCommitsNothingAndRaisesNoEvent
+    case aReaderBeyondTheHistoryGetsAResyncAndOneWithinItTheRecords
+    case namedLocksExcludeTimeOutNamingTheHolderAndCancel
+    case aHeldCommitLockBoundsAndCancelsOtherCommitsAndNothingIsLost
+    case observationStartsWithTheValuesAndGoesOnWithoutAGap
+
+    public var testDescription: String { rawValue }
+
+    public func run(on backend: some BackendUnderTest) async throws {
+        switch self {
+        case .everyChangeReachesTheOthersOnceInOrderAndNeverItsAuthor:
+            try await everyChangeReachesTheOthersOnceInOrderAndNeverItsAuthor(backend)
+        case .aSetThatChangesNothingCommitsNothingAndRaisesNoEvent:
+            try await aSetThatChangesNothingCommitsNothingAndRaisesNoEvent(backend)
+        case .aReaderBeyondTheHistoryGetsAResyncAndOneWithinItTheRecords:
+            try await aReaderBeyondTheHistoryGetsAResyncAndOneWithinItTheRecords(backend)
+        case .namedLocksExcludeTimeOutNamingTheHolderAndCancel:
+            try await namedLocksExcludeTimeOutNamingTheHolderAndCancel(backend)
+        case .aHeldCommitLockBoundsAndCancelsOtherCommitsAndNothingIsLost:
+            try await aHeldCommitLockBoundsAndCancelsOtherCommitsAndNothingIsLost(backend)
+        case .observationStartsWithTheValuesAndGoesOnWithoutAGap:
+            try await observationStartsWithTheValuesAndGoesOnWithoutAGap(backend)
+        }
+    }
+
+    private func everyChangeReachesTheOthersOnceInOrderAndNeverItsAuthor(_ backend: some BackendUnderTest) async throws {
+        let store = try backend.makeStore(lockTimeout: .seconds(10), history: 512)
+        let a = try store.open("a"), b = try store.open("b"), c = try store.open("c")
+        var seenByA = a.events().makeAsyncIterator()
+        var seenByC = c.events().makeAsyncIterator()
+        // Two writers at once: one sequence, no gap, no duplicate.
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask { for index in 1...40 { try await a.set("a\(index % 5)", "\(index)") } }
+            group.addTask { for index in 1...40 { try await b.set("b\(index % 5)", "\(index)") } }
+            try await group.waitForAll()
+        }
+        var view: [String: String] = [:]
+        for expected in 1...UInt64(80) {
+            let event = try #require(await StreamWait.next(&seenByC))
+            #expect(event.sequence == expected, "a gap or a duplicate after \(expected - 1)")
+            #expect(event.origin == (event.key?.hasPrefix("a") == true ? "a" : "b"))
+            #expect(!event.isResync && !event.isOwn)
+            view[event.key!] = event.newValue
+        }
+        #expect(view == (try c.snapshot().values))
+        // A's own 40 changes never came back to it: its first event is B's first.
+        let first = try #require(await StreamWait.next(&seenByA))
+        #expect(first.origin == "b")
+        withExtendedLifetime((a, b, c)) {}
+    }
+
+    private func aSetThatChangesNothingCommitsNothingAndRaisesNoEvent(_ backend: some BackendUnderTest) async throws {
+        let store = try backend.makeStore(lockTimeout: .seconds(10), history: 512)
+        let a = try store.open("a"), b = try store.open("b")
+        var events = b.events().makeAsyncIterator()
+        #expect(try await a.set("k", "v") == 1)
+        #expect(try await a.set("k", "v") == 1, "the current number, nothing committed")
+        let synchronous = { () throws(TabSyncError) in try a.set("k", "v") }
+        #expect(try synchronous() == 1, "the same for the synchronous set")
+        #expect(try await a.remove("absent") == 1)
+        #expect(try await a.set("k", "w") == 2)
+        #expect(await StreamWait.next(&events)?.sequence == 1)
+        let second = await StreamWait.next(&events)
+        #expect(second?.sequence == 2 && second?.oldValue == "v" && second?.newValue == "w")
+    }
+
+    private func aReaderBeyondTheHistoryGetsAResyncAndOneWithinItTheRecords(_ backend: some BackendUnderTest) async throws {
+        let store = try backend.makeStore(lockTimeout: .seconds(10), history: 4)
+        let a = try store.open("a")
+        for index in 1...10 { try await a.set("k\(index)", "\(index)") }
+        let now = try await a.backend.snapshot()
+        #expect(now.position.sequence == 10)
+        guard case let .records(records, store: recordStore)? = try a.backend.changes(after: StorePosition(store: now.position.store, sequence: 8), waiting: true) else {
+            Issue.record("no records after 8")
+            return
+        }
+        #expect(records.map(\.sequence) == [9, 10] && records.map(\.key) == ["k9", "k10"] && recordStore == now.position.store)
+        guard case let .resync(snapshot, origins)? = try a.backend.changes(after: StorePosition(store: now.position.store, sequence: 2), waiting: true) else {
+            Issue.record("no resync for a reader beyond the history")
+            return
+        }
+        #expect(snapshot.values.count == 10 && snapshot.position == now.position)
+        #expect(origins["k10"] == "a")
+        guard case .resync? = try a.backend.changes(after: StorePosition(store: "another store", sequence: 10), waiting: true) else {
+            Issue.record("no resync for a reader of another store")
+            return
+        }
+    }
+
+    private func namedLocksExcludeTimeOutNamingTheHolderAndCancel(_ backend: some BackendUnderTest) async throws {
+        let store = try backend.makeStore(lockTimeout: .seconds(10), history: 512)
+        let a = try store.open("a"), b = try store.open("b")
+        let hold = try #require(try a.lock(named: "job").tryAcquire())
+        let other = try b.lock(named: "job")
+        #expect(try other.tryAcquire() == nil, "two holders at once")
+        await #expect {
+            _ = try await other.acquire(timeout: .milliseconds(200))
+        } throws: { error in
+            let error = error as? TabSyncError
+            return error?.code == .lockTimeout && error?.holders.map(\.pid) == [getpid()] && error?.message.contains("job") == true
+        }
+        let waiter = Task { try await other.acquire() }
+        try await Task.sleep(for: .milliseconds(50))
+        let cancelled = ContinuousClock.now
+        waiter.cancel()
+        await #expect(throws: CancellationError.self) { _ = try await waiter.value }
+        #expect(ContinuousClock.now - cancelled < .seconds(2), "the cancelled wait returned promptly")
+        #expect(a.queryLocks().contains { $0.name == "job" && $0.holders.map(\.pid) == [getpid()] })
+        hold.release()
+        let taken = try await other.acquire(timeout: .seconds(5))
+        taken.release()
+    }
+
+    private func aHeldCommitLockBoundsAndCancelsOtherCommitsAndNothingIsLost(_ backend: some BackendUnderTest) async throws {
+        let store = try backend.makeStore(lockTimeout: .milliseconds(300), history: 512)
+        let a = try store.open("a"), b = try store.open("b")
+        // A commit of A that holds the commit lock until released, on a thread of its own.
+        let entered = DispatchSemaphore(value: 0), release = DispatchSemaphore(value: 0)
+        let released = Atomic<Bool>(false)
+        defer { if !released.exchange(true, ordering: .relaxed) { release.signal() } }
+        let holder = Thread {
+            _ = try? a.transaction { (transaction: inout SharedStorage.Transaction) throws(TabSyncError) in
+                transaction.set("held", "yes")
+                entered.signal()
+                release.wait()
+            }
+        }
+        holder.start()
+        try await StreamWait.offPool { entered.wait() }
+        await #expect {
+            try await b.set("k", "late")
+        } throws: { error in
+            (error as? TabSyncError)?.code == .lockTimeout && (error as? TabSyncError)?.holders.map(\.pid) == [getpid()]
+        }
+        let cancelled = Task { try await b.set("k", "cancelled") }
+        try await Task.sleep(for: .milliseconds(50))
+        cancelled.cancel()
+        await #expect(throws: CancellationError.self) { try await cancelled.value }
+        if !released.exchange(true, ordering: .relaxed) { release.signal() }
+        #expect(try await b.set("k", "after") == 2, "after the held commit (1), nothing of the failed ones")
+        #expect(try b.snapshot().values == ["held": "yes", "k": "after"])
+    }
+
+    private func observationStartsWithTheValuesAndGoesOnWithoutAGap(_ backend: some BackendUnderTest) async throws {
+        let store = try backend.makeStore(lockTimeout: .seconds(10), history: 512)
+        let a = try store.open("a"), b = try store.open("b")
+        try await a.set("before", "1")
+        var observation = b.observe().makeAsyncIterator()
+        guard case let .snapshot(values, sequence)? = await observation.next() else {
+            Issue.record("the first element is not the snapshot")
+            return
+        }
+        #expect(values == ["before": "1"] && sequence == 1)
+        try await a.set("after", "2")
+        guard case let .change(event)? = await observation.next() else {
+            Issue.record("no change after the snapshot")
+            return
+        }
+        #expect(event.sequence == 2 && event.key == "after")
+    }
+}
+
+/// Waits that tests of storages need, with a bound.
+public enum StreamWait {
+    /// The next element of a stream, or nil (recorded as an issue) after `timeout`.
+    public static func next<Element: Sendable>(
+        _ iterator: inout AsyncStream<Element>.Iterator, timeout: Duration = .seconds(30),
+        sourceLocation: SourceLocation = #_sourceLocation
+    ) async -> Element? {
+        let box = IteratorBox(iterator)
+        let result = await withTaskGroup(of: Element?.self) { group in
+            group.addTask { await box.next() }
+            group.addTask {
+                try? await Task.sleep(for: timeout)
+                return nil
+            }
+            let first = await group.next()!
+            group.cancelAll()
+            return first
+        }
+        iterator = box.iterator
+        if result == nil {
+            Issue.record("Timed out after \(timeout) waiting for an event", sourceLocation: sourceLocation)
+        }
+        return result
+    }
+
+    /// Runs blocking work on a thread of its own and waits for it, so that a test's blocking
+    /// calls do not hold one of the cooperative pool's threads (two on a 2-core machine), which
+    /// every other test of the process needs to resume.
+    public static func offPool<Result: Sendable>(_ work: @escaping @Sendable () throws -> Result) async throws -> Result {
+        try await withCheckedThrowingContinuation { continuation in
+            Thread { continuation.resume(with: Swift.Result { try work() }) }.start()
+        }
+    }
+}
+
+private final class IteratorBox<Element: Sendable>: @unchecked Sendable {
+    var iterator: AsyncStream<Element>.Iterator
+    init(_ iterator: AsyncStream<Element>.Iterator) { self.iterator = iterator }
+    func next() async -> Element? { await iterator.next() }
+}

@@ -1,0 +1,234 @@
+import Foundation
+import Logging
+import NIOCore
+import NIOPosix
+import NIOSSL
+import PostgresNIO
+import Synchronization
+import TabSync
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Opens connections to one server and runs statements on them with a bound on every wait.
+///
+/// Everything here blocks its calling thread on event-loop futures, never on Swift concurrency:
+/// the backend's synchronous forms are called from arbitrary threads, and its async forms run
+/// them on threads of their own (``Blocking``), so no cooperative thread is ever held.
+final class Connector: Sendable {
+    let configuration: PostgresConfiguration
+    let applicationName: String
+    let logger: Logger
+    private let group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton
+    private let nextID = Atomic<Int>(1)
+
+    init(configuration: PostgresConfiguration, origin: String, logger: Logger) {
+        self.configuration = configuration
+        self.logger = logger
+        applicationName = Holder.applicationName(origin: origin)
+    }
+
+    /// A new connection, or ``TabSyncError/Code/unavailable``.
+    func connect() throws(TabSyncError) -> PostgresConnection {
+        var postgres = PostgresConnection.Configuration(
+            host: configuration.host, port: configuration.port, username: configuration.username,
+            password: configuration.password, database: configuration.database, tls: .disable)
+        if configuration.tls == .require {
+            do {
+                let context = try NIOSSLContext(configuration: .makeClientConfiguration())
+                postgres.tls = .require(context)
+            } catch {
+                throw TabSyncError(code: .unavailable, path: configuration.description, message: "TLS could not be set up: \(error)")
+            }
+        }
+        postgres.options.connectTimeout = .nanoseconds(Int64(configuration.connectTimeout.nanoseconds))
+        let keepalive = configuration.keepalive
+        postgres.options.additionalStartupParameters = [
+            ("application_name", applicationName),
+            ("tcp_keepalives_idle", "\(max(1, keepalive.idle.seconds))"),
+            ("tcp_keepalives_interval", "\(max(1, keepalive.interval.seconds))"),
+            ("tcp_keepalives_count", "\(max(1, keepalive.count))"),
+            ("tcp_user_timeout", "\(keepalive.userTimeout.milliseconds)"),
+        ]
+        let id = nextID.add(1, ordering: .relaxed).oldValue
+        let future = PostgresConnection.connect(on: group.next(), configuration: postgres, id: id, logger: logger)
+        do {
+            return try future.wait()
+        } catch {
+            throw Self.failure(error, doing: "connecting", at: configuration.description)
+        }
+    }
+
+    /// Runs `query` and returns its rows; waits at most `timeout` (default: the operation
+    /// timeout), after which the connection is closed and the error names the server.
+    @discardableResult
+    func run(_ query: PostgresQuery, on connection: PostgresConnection, timeout: Duration? = nil, doing: String) throws(TabSyncError) -> [PostgresRow] {
+        let limit = timeout ?? configuration.operationTimeout
+        let timedOut = Atomic<Bool>(false)
+        let timer = connection.eventLoop.scheduleTask(in: .nanoseconds(Int64(limit.nanoseconds))) {
+            timedOut.store(true, ordering: .relaxed)
+            connection.closeNow()
+        }
+        defer { timer.cancel() }
+        do {
+            return try connection.query(query, logger: logger).wait().rows
+        } catch {
+            if timedOut.load(ordering: .relaxed) {
+                throw TabSyncError(
+                    code: .unavailable, path: configuration.description,
+                    message: "No answer from the server within \(limit) while \(doing); the connection was closed")
+            }
+            throw Self.failure(error, doing: doing, at: configuration.description)
+        }
+    }
+
+    /// A TabSyncError for a PostgresNIO error: the SQLSTATE and the server's primary message,
+    /// never its detail (which can quote stored values) nor the query's binds.
+    static func failure(_ error: any Error, doing: String, at location: String) -> TabSyncError {
+        if let error = error as? TabSyncError { return error }
+        guard let error = error as? PSQLError else {
+            return TabSyncError(code: .unavailable, path: location, message: "The server could not be reached while \(doing): \(type(of: error))")
+        }
+        if let state = error.serverInfo?[.sqlState] {
+            let message = error.serverInfo?[.message] ?? ""
+            let code: TabSyncError.Code = switch state {
+            case "55P03": .lockTimeout
+            case "57P01", "57P02", "57P03", "08000", "08003", "08006": .unavailable
+            case "53100": .storageFull
+            case "28000", "28P01", "42501": .insecurePath
+            default: .io
+            }
+            return TabSyncError(code: code, path: location, message: "The server refused \(doing) (SQLSTATE \(state)): \(message)")
+        }
+        return TabSyncError(
+            code: .unavailable, path: location,
+            message: "The connection to the server failed while \(doing) (\(error.code))")
+    }
+}
+
+/// A few idle connections for short statements; a connection that failed is dropped.
+final class ConnectionPool: Sendable {
+    let connector: Connector
+    private let idle = Mutex<[PostgresConnection]>([])
+    private let keep: Int
+
+    init(connector: Connector, keep: Int = 4) {
+        self.connector = connector
+        self.keep = keep
+    }
+
+    func checkOut() throws(TabSyncError) -> PostgresConnection {
+        while let connection = idle.withLock({ $0.popLast() }) {
+            if !connection.isClosed { return connection }
+        }
+        return try connector.connect()
+    }
+
+    func checkIn(_ connection: PostgresConnection) {
+        guard !connection.isClosed else { return }
+        let surplus: PostgresConnection? = idle.withLock { idle in
+            guard idle.count < keep else { return connection }
+            idle.append(connection)
+            return nil
+        }
+        surplus?.closeNow()
+    }
+
+    /// Runs `work` on a connection; one that failed is closed rather than reused.
+    func with<Result>(_ work: (PostgresConnection) throws(TabSyncError) -> Result) throws(TabSyncError) -> Result {
+        let connection = try checkOut()
+        do {
+            let result = try work(connection)
+            checkIn(connection)
+            return result
+        } catch {
+            connection.closeNow()
+            throw error
+        }
+    }
+
+    func closeAll() {
+        for connection in idle.withLock({ idle in defer { idle.removeAll() }; return idle }) { connection.closeNow() }
+    }
+}
+
+/// Runs blocking work on a thread of its own, so that an async caller never holds a Swift
+/// concurrency thread while it waits for the network. Cancelling the task runs `onCancel`
+/// (which closes the connection the work waits on, so that it returns at once).
+enum Blocking {
+    static func run<Result: Sendable>(
+        onCancel: @escaping @Sendable () -> Void = {}, _ work: @escaping @Sendable () throws -> Result
+    ) async throws -> Result {
+        try Task.checkCancellation()
+        return try await withTaskCancellationHandler {
+            try await withCheckedThrowingContinuation { continuation in
+                let thread = Thread { continuation.resume(with: Swift.Result { try work() }) }
+                thread.name = "TabSyncPostgres.io"
+                thread.start()
+            }
+        } onCancel: {
+            onCancel()
+        }
+    }
+}
+
+/// How a connection names its process to the server (`application_name`), and how a name read
+/// back from `pg_stat_activity` names the holder of a lock.
+enum Holder {
+    /// `tabsync PID COMMAND@HOST ORIGIN`, cut to PostgreSQL's 63 bytes.
+    static func applicationName(origin: String) -> String {
+        let command = (try? String(contentsOfFile: "/proc/self/comm", encoding: .utf8))?
+            .trimmingCharacters(in: .whitespacesAndNewlines) ?? "?"
+        var text = "tabsync \(getpid()) \(clean(command))@\(clean(hostName)) \(clean(origin))"
+        while text.utf8.count > 63 { text.removeLast() }
+        return text
+    }
+
+    static let hostName: String = {
+        var buffer = [CChar](repeating: 0, count: 256)
+        guard gethostname(&buffer, buffer.count) == 0 else { return "?" }
+        return String(decoding: buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    }()
+
+    private static func clean(_ text: String) -> String {
+        String(text.unicodeScalars.map { $0 == " " || $0 == "@" || $0.properties.generalCategory == .control ? "_" : Character($0) })
+    }
+
+    /// A holder from its connection's row in `pg_stat_activity`.
+    static func lockHolder(applicationName: String, serverPID: Int32, clientAddress: String?, since: Date?) -> LockHolder {
+        let fields = applicationName.split(separator: " ", maxSplits: 3).map(String.init)
+        let connection: (String) -> ServerConnection = { host in
+            ServerConnection(host: host, serverPID: serverPID, applicationName: applicationName, clientAddress: clientAddress, since: since)
+        }
+        guard fields.count >= 3, fields[0] == "tabsync", let pid = Int32(fields[1]), let at = fields[2].lastIndex(of: "@") else {
+            // Not one of ours: a psql session, another program.
+            return LockHolder(pid: 0, command: "", state: .unknown, connection: connection("?"))
+        }
+        let command = String(fields[2][..<at]), host = String(fields[2][fields[2].index(after: at)...])
+        if host == hostName {
+            let local = LockHolder(pid: pid)
+            return LockHolder(pid: pid, command: local.command.isEmpty ? command : local.command, state: local.state, connection: connection(host))
+        }
+        return LockHolder(pid: pid, command: command, state: .unknown, connection: connection(host))
+    }
+}
+
+extension Duration {
+    var nanoseconds: Int64 {
+        let (seconds, attoseconds) = components
+        return seconds * 1_000_000_000 + attoseconds / 1_000_000_000
+    }
+
+    var milliseconds: Int64 { nanoseconds / 1_000_000 }
+    var seconds: Int64 { components.seconds }
+}
+
+extension PostgresConnection {
+    /// Closes the connection without waiting; what waits on it fails at once. The connection
+    /// object lives until the close is done (PostgresNIO requires it).
+    func closeNow() {
+        let future: EventLoopFuture<Void> = close()
+        future.whenComplete { _ in withExtendedLifetime(self) {} }
+    }
+}

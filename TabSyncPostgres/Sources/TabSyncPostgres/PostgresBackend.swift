@@ -1,0 +1,414 @@
+import Foundation
+import Logging
+import NIOCore
+import PostgresNIO
+import Synchronization
+import TabSync
+
+/// A ``StorageBackend`` on PostgreSQL: the processes of one session may run on several hosts.
+///
+/// A store is a row of `tabsync_stores`, its values rows of `tabsync_values`, and its recent
+/// changes rows of `tabsync_changes` with the same sequence numbers, retention and resync rules
+/// as a session directory (docs/POSTGRES.md has the tables). A commit is one transaction under
+/// the store's transaction-level advisory lock, so writers on every host take turns and nothing
+/// is half-applied; it ends with a `NOTIFY` that wakes the other processes, which then ask for
+/// the changes after their position. Named locks are session-level advisory locks, each on a
+/// connection of its own, which the server releases when the holding process dies.
+///
+/// ```swift
+/// let configuration = try PostgresConfiguration(url: "postgres://app@db.internal/app",
+///                                               password: ProcessInfo.processInfo.environment["PGPASSWORD"])
+/// let backend = try PostgresBackend(configuration: configuration, store: "myapp/session", origin: "worker-1")
+/// let storage = try SharedStorage(backend: backend, origin: "worker-1")
+/// ```
+///
+/// Synchronous operations block their calling thread for a network round trip or a lock wait,
+/// each with a bound (``PostgresConfiguration/operationTimeout``, ``lockTimeout``); the async
+/// ones run on threads of their own and never hold a Swift concurrency thread.
+public final class PostgresBackend: StorageBackend {
+    public let configuration: PostgresConfiguration
+    /// The store's name: what every process of the session opens.
+    public let store: String
+    /// How many change records are kept for readers that fall behind.
+    public let historyLimit: Int
+    /// The longest a commit waits for another's commit lock.
+    public let lockTimeout: Duration
+
+    let connector: Connector
+    let pool: ConnectionPool
+    let lockPool: ConnectionPool
+    private let cache = Mutex<Cached?>(nil)
+    private let listener: Listener
+
+    private struct Cached {
+        var storeID: String
+        var sequence: Int64
+        var values: [String: String]
+    }
+
+    /// Connects, and creates the tables when the database has none.
+    public init(
+        configuration: PostgresConfiguration, store: String, origin: String = "",
+        historyLimit: Int = 512, lockTimeout: Duration = .seconds(10),
+        logger: Logger = Logger(label: "TabSyncPostgres", factory: { _ in SwiftLogNoOpLogHandler() })
+    ) throws(TabSyncError) {
+        guard !store.isEmpty, store.utf8.count <= 200, store.unicodeScalars.allSatisfy({ $0.properties.generalCategory != .control }) else {
+            throw TabSyncError(code: .invalidArgument, path: nil, message: "A store name must be 1 to 200 bytes without control characters")
+        }
+        guard historyLimit >= 1 else {
+            throw TabSyncError(code: .invalidArgument, path: nil, message: "The history limit must be at least 1")
+        }
+        self.configuration = configuration
+        self.store = store
+        self.historyLimit = historyLimit
+        self.lockTimeout = lockTimeout
+        connector = Connector(configuration: configuration, origin: origin, logger: logger)
+        pool = ConnectionPool(connector: connector)
+        lockPool = ConnectionPool(connector: connector, keep: 2)
+        listener = Listener(connector: connector, store: store)
+        try pool.with { connection throws(TabSyncError) in try Self.prepareSchema(on: connection, connector) }
+    }
+
+    deinit {
+        listener.close()
+        pool.closeAll()
+        lockPool.closeAll()
+    }
+
+    /// The server and the store, never the password.
+    public var location: String { "\(configuration)#\(store)" }
+
+    // MARK: Schema
+
+    private static func prepareSchema(on connection: PostgresConnection, _ connector: Connector) throws(TabSyncError) {
+        let exists = try connector.run("SELECT to_regclass('tabsync_schema')::text", on: connection, doing: "looking for the tables")
+        if (try? exists.first?.decode(String?.self)) ?? nil != nil, try version(on: connection, connector) == Schema.version { return }
+        try transaction(on: connection, connector) { () throws(TabSyncError) in
+            try connector.run("SELECT pg_advisory_xact_lock(\(Schema.lockKey(store: "", name: "schema")))", on: connection, doing: "locking the tables' creation")
+            for statement in Schema.create + [Schema.createLocks] {
+                try connector.run(PostgresQuery(unsafeSQL: statement), on: connection, doing: "creating the tables")
+            }
+            if try version(on: connection, connector) == nil {
+                try connector.run("INSERT INTO tabsync_schema (version) VALUES (\(Schema.version))", on: connection, doing: "creating the tables")
+            }
+        }
+        _ = try version(on: connection, connector)
+    }
+
+    /// The tables' layout version; a newer one than this code's is an error.
+    private static func version(on connection: PostgresConnection, _ connector: Connector) throws(TabSyncError) -> Int32? {
+        let rows = try connector.run("SELECT max(version) FROM tabsync_schema", on: connection, doing: "reading the tables' version")
+        let version = (try? rows.first?.decode(Int32?.self)) ?? nil
+        if let version, version > Schema.version {
+            throw TabSyncError(
+                code: .unsupportedVersion, path: connector.configuration.description,
+                message: "The TabSync tables have layout version \(version); this version of TabSyncPostgres reads version \(Schema.version) only")
+        }
+        return version
+    }
+
+    private static func transaction<Result>(
+        on connection: PostgresConnection, _ connector: Connector, _ body: () throws(TabSyncError) -> Result
+    ) throws(TabSyncError) -> Result {
+        try connector.run("BEGIN", on: connection, doing: "beginning a transaction")
+        do {
+            let result = try body()
+            try connector.run("COMMIT", on: connection, doing: "committing")
+            return result
+        } catch {
+            _ = try? connector.run("ROLLBACK", on: connection, doing: "rolling back")
+            throw error
+        }
+    }
+
+    // MARK: Reading
+
+    public func snapshot() throws(TabSyncError) -> StoreSnapshot {
+        try pool.with { connection throws(TabSyncError) in try snapshot(on: connection) }
+    }
+
+    private func snapshot(on connection: PostgresConnection) throws(TabSyncError) -> StoreSnapshot {
+        let head = try connector.run(
+            "SELECT store_id, sequence FROM tabsync_stores WHERE name = \(store)", on: connection, doing: "reading the store")
+        guard let row = head.first else { return StoreSnapshot(values: [:], position: StorePosition(store: "", sequence: 0)) }
+        let (storeID, sequence) = try decode(row, as: (String, Int64).self)
+        if let cached = cache.withLock({ $0 }), cached.storeID == storeID, cached.sequence == sequence {
+            return StoreSnapshot(values: cached.values, position: StorePosition(store: storeID, sequence: UInt64(sequence)))
+        }
+        let rows = try connector.run(
+            """
+            SELECT s.store_id, s.sequence, v.key, v.value
+            FROM tabsync_stores s LEFT JOIN tabsync_values v ON v.store = s.name WHERE s.name = \(store)
+            """, on: connection, doing: "reading the store's values")
+        guard let first = rows.first else { return StoreSnapshot(values: [:], position: StorePosition(store: "", sequence: 0)) }
+        let (id, at, _, _) = try decode(first, as: (String, Int64, String?, String?).self)
+        var values: [String: String] = [:]
+        for row in rows {
+            let (_, _, key, value) = try decode(row, as: (String, Int64, String?, String?).self)
+            if let key, let value { values[key] = value }
+        }
+        remember(Cached(storeID: id, sequence: at, values: values))
+        return StoreSnapshot(values: values, position: StorePosition(store: id, sequence: UInt64(at)))
+    }
+
+    public func changes(after position: StorePosition, waiting: Bool) throws(TabSyncError) -> StoreChanges? {
+        // Every answer needs the network: the watcher's quick look leaves it to the storage's queue.
+        guard waiting else { return nil }
+        return try pool.with { connection throws(TabSyncError) -> StoreChanges in
+            // A reader that began before any store existed replays the first store's changes.
+            let anyStore = position.store.isEmpty
+            let from = anyStore ? Int64(0) : Int64(clamping: position.sequence)
+            let rows = try connector.run(
+                """
+                SELECT s.store_id, s.sequence, c.sequence, c.key, c.old_value, c.new_value, c.origin, c.instance, c.time_ms
+                FROM tabsync_stores s
+                LEFT JOIN tabsync_changes c ON c.store = s.name AND c.sequence > \(from) AND (\(anyStore) OR s.store_id = \(position.store))
+                WHERE s.name = \(store) ORDER BY c.sequence
+                """, on: connection, doing: "reading the changes")
+            typealias Row = (String, Int64, Int64?, String?, String?, String?, String?, String?, Int64?)
+            guard let first = rows.first else { return .missing }
+            let (storeID, head, _, _, _, _, _, _, _) = try decode(first, as: Row.self)
+            if position.store == storeID || anyStore {
+                if head <= from { return .records([], store: storeID) }
+                var records: [ChangeRecord] = []
+                for row in rows {
+                    let (_, _, sequence, key, old, new, origin, instance, time) = try decode(row, as: Row.self)
+                    guard let sequence, let origin, let instance else { continue }
+                    records.append(ChangeRecord(
+                        sequence: UInt64(sequence), key: key, oldValue: old, newValue: new, origin: origin, instance: instance, time: time ?? 0))
+                }
+                if records.first?.sequence == UInt64(from + 1), records.count == Int(head - from) {
+                    return .records(records, store: storeID)
+                }
+            }
+            let snapshot = try snapshot(on: connection)
+            let origins = try connector.run(
+                """
+                SELECT DISTINCT ON (key) key, origin FROM tabsync_changes
+                WHERE store = \(store) AND key IS NOT NULL ORDER BY key, sequence DESC
+                """, on: connection, doing: "reading the last writers")
+            var byKey: [String: String] = [:]
+            for row in origins {
+                let (key, origin) = try decode(row, as: (String, String).self)
+                byKey[key] = origin
+            }
+            return .resync(snapshot, origins: byKey)
+        }
+    }
+
+    // MARK: Committing
+
+    public func commit<Result>(
+        as author: ChangeAuthor, _ body: (inout StoreTransaction) throws(TabSyncError) -> Result
+    ) throws(TabSyncError) -> Result {
+        try pool.with { connection throws(TabSyncError) in try commit(on: connection, as: author, body, whileWaiting: nil) }
+    }
+
+    public func commit<Result: Sendable>(
+        as author: ChangeAuthor, _ body: @escaping @Sendable (inout StoreTransaction) throws(TabSyncError) -> Result
+    ) async throws -> Result {
+        // A cancelled wait for the lock closes the connection: the server ends the transaction,
+        // and nothing of it is committed. Once the lock is held the commit goes through.
+        let waiting = Mutex<PostgresConnection?>(nil)
+        let cancelled = Atomic<Bool>(false)
+        do {
+            return try await Blocking.run(onCancel: {
+                cancelled.store(true, ordering: .relaxed)
+                waiting.withLock { $0 }?.closeNow()
+            }) { () throws -> Result in
+                try self.pool.with { connection throws(TabSyncError) in
+                    try self.commit(on: connection, as: author, body, whileWaiting: { connection in
+                        if cancelled.load(ordering: .relaxed) { return false }
+                        waiting.withLock { $0 = connection }
+                        return true
+                    }, waited: { waiting.withLock { $0 = nil } })
+                }
+            }
+        } catch {
+            if cancelled.load(ordering: .relaxed), Task.isCancelled { throw CancellationError() }
+            throw error
+        }
+    }
+
+    /// The commit's transaction. `whileWaiting` is told the connection before the lock wait
+    /// (false: cancelled already) and `waited` after it.
+    private func commit<Result>(
+        on connection: PostgresConnection, as author: ChangeAuthor, _ body: (inout StoreTransaction) throws(TabSyncError) -> Result,
+        whileWaiting: ((PostgresConnection) -> Bool)?, waited: () -> Void = {}
+    ) throws(TabSyncError) -> Result {
+        try Self.transaction(on: connection, connector) { () throws(TabSyncError) -> Result in
+            if let whileWaiting, !whileWaiting(connection) {
+                throw TabSyncError(code: .closed, path: location, message: "The commit was cancelled")
+            }
+            try lockForCommit(on: connection)
+            waited()
+            let head = try connector.run(
+                "SELECT store_id, sequence FROM tabsync_stores WHERE name = \(store)", on: connection, doing: "reading the store")
+            var storeID: String, sequence: Int64, values: [String: String]
+            if let row = head.first {
+                (storeID, sequence) = try decode(row, as: (String, Int64).self)
+                if let cached = cache.withLock({ $0 }), cached.storeID == storeID, cached.sequence == sequence {
+                    values = cached.values
+                } else {
+                    values = [:]
+                    let rows = try connector.run(
+                        "SELECT key, value FROM tabsync_values WHERE store = \(store)", on: connection, doing: "reading the store's values")
+                    for row in rows {
+                        let (key, value) = try decode(row, as: (String, String).self)
+                        values[key] = value
+                    }
+                }
+            } else {
+                // The first commit creates the store, under the lock.
+                (storeID, sequence, values) = (UUID().uuidString.lowercased(), 0, [:])
+                try connector.run(
+                    "INSERT INTO tabsync_stores (name, store_id, sequence) VALUES (\(store), \(storeID), 0)",
+                    on: connection, doing: "creating the store")
+            }
+            var transaction = StoreTransaction(values: values, sequence: UInt64(sequence), author: author)
+            let result = try body(&transaction)
+            if !transaction.records.isEmpty {
+                try write(transaction, on: connection, author: author)
+            }
+            if !transaction.scrubbedKeys.isEmpty {
+                try scrub(transaction.scrubbedKeys, on: connection)
+            }
+            remember(Cached(storeID: storeID, sequence: Int64(transaction.sequence), values: transaction.values))
+            return result
+        }
+    }
+
+    /// The store's transaction-level advisory lock, for at most ``lockTimeout``.
+    private func lockForCommit(on connection: PostgresConnection) throws(TabSyncError) {
+        let key = Schema.lockKey(store: store)
+        let milliseconds = max(1, lockTimeout.milliseconds)
+        do {
+            try connector.run(
+                "SELECT set_config('lock_timeout', \("\(milliseconds)ms"), true), pg_advisory_xact_lock(\(key))",
+                on: connection, timeout: lockTimeout + configuration.operationTimeout, doing: "waiting for the commit lock")
+        } catch where error.code == .lockTimeout {
+            let holders = (try? lockReport(name: store, key: key).holders) ?? []
+            throw TabSyncError(
+                code: .lockTimeout, path: location,
+                message: "The commit lock of \(store) was not free within \(lockTimeout); held by \(holders.isEmpty ? "another session" : holders.map(\.description).joined(separator: ", "))",
+                holders: holders)
+        }
+    }
+
+    private func write(_ transaction: StoreTransaction, on connection: PostgresConnection, author: ChangeAuthor) throws(TabSyncError) {
+        let records = transaction.records
+        for record in records where [record.key, record.newValue].contains(where: { $0?.contains("\0") == true }) {
+            throw TabSyncError(code: .invalidArgument, path: location, message: "PostgreSQL text cannot hold a NUL character (in key or value of change \(record.sequence))")
+        }
+        let touched = Set(records.compactMap(\.key))
+        let cleared = records.contains { $0.key == nil }
+        var upserts: [String: String] = [:], deletes: [String] = []
+        for key in touched {
+            if let value = transaction.values[key] { upserts[key] = value } else { deletes.append(key) }
+        }
+        let rows: [[String: Any]] = records.map { record in
+            ["s": record.sequence, "k": record.key ?? NSNull(), "o": record.oldValue ?? NSNull(), "n": record.newValue ?? NSNull()]
+        }
+        let recordsJSON = Self.json(rows), upsertsJSON = Self.json(upserts), deletesJSON = Self.json(deletes)
+        let head = Int64(transaction.sequence), keep = Int64(historyLimit)
+        try connector.run(
+            """
+            WITH r AS (SELECT * FROM json_to_recordset(\(recordsJSON)::json) AS r(s bigint, k text, o text, n text)),
+            changes AS (
+                INSERT INTO tabsync_changes (store, sequence, key, old_value, new_value, origin, instance, time_ms)
+                SELECT \(store), s, k, o, n, \(author.origin), \(author.instance), (extract(epoch FROM clock_timestamp()) * 1000)::bigint FROM r),
+            removed AS (
+                DELETE FROM tabsync_values WHERE store = \(store)
+                AND ((\(cleared) AND key NOT IN (SELECT key FROM json_each_text(\(upsertsJSON)::json)))
+                     OR key IN (SELECT value FROM json_array_elements_text(\(deletesJSON)::json)))),
+            upserted AS (
+                INSERT INTO tabsync_values (store, key, value) SELECT \(store), key, value FROM json_each_text(\(upsertsJSON)::json)
+                ON CONFLICT (store, key) DO UPDATE SET value = EXCLUDED.value),
+            trimmed AS (DELETE FROM tabsync_changes WHERE store = \(store) AND sequence <= \(head - keep)),
+            moved AS (UPDATE tabsync_stores SET sequence = \(head) WHERE name = \(store))
+            SELECT pg_notify(\(Schema.channel), \("\(head) \(author.instance) \(store)"))
+            """, on: connection, doing: "writing the changes")
+    }
+
+    /// Forgets the past values of `keys` in the retained changes, as the file backend's scrub.
+    private func scrub(_ keys: Set<String>, on connection: PostgresConnection) throws(TabSyncError) {
+        let keysJSON = Self.json(keys.sorted())
+        try connector.run(
+            """
+            UPDATE tabsync_changes c SET old_value = NULL,
+                new_value = CASE WHEN c.key IS NOT NULL AND c.sequence =
+                    (SELECT max(m.sequence) FROM tabsync_changes m WHERE m.store = c.store AND m.key = c.key)
+                THEN c.new_value ELSE NULL END
+            WHERE c.store = \(store) AND (c.key IS NULL OR c.key IN (SELECT value FROM json_array_elements_text(\(keysJSON)::json)))
+            """, on: connection, doing: "scrubbing the history")
+    }
+
+    private func remember(_ cached: Cached) {
+        cache.withLock { current in
+            if current == nil || current!.storeID != cached.storeID || current!.sequence <= cached.sequence { current = cached }
+        }
+    }
+
+    private static func json(_ object: Any) -> String {
+        let data = (try? JSONSerialization.data(withJSONObject: object, options: [.fragmentsAllowed])) ?? Data("null".utf8)
+        return String(decoding: data, as: UTF8.self)
+    }
+
+    private func decode<each Column: PostgresDecodable>(
+        _ row: PostgresRow, as type: (repeat each Column).Type
+    ) throws(TabSyncError) -> (repeat each Column) {
+        do {
+            return try row.decode(type)
+        } catch {
+            throw TabSyncError(code: .corruptState, path: location, message: "A row of the TabSync tables has an unexpected shape")
+        }
+    }
+
+    // MARK: Watching and locks
+
+    public func watch(_ handler: @escaping @Sendable (BackendSignal) -> Void) -> any WatchRegistration {
+        listener.add(handler)
+    }
+
+    public func lock(named name: String) throws(TabSyncError) -> any SessionLock {
+        guard !name.isEmpty, name.utf8.count <= 64, name.unicodeScalars.allSatisfy({ $0.properties.generalCategory != .control }) else {
+            throw TabSyncError(code: .invalidArgument, path: nil, message: "A lock name must be 1 to 64 bytes without control characters")
+        }
+        _ = try pool.with { connection throws(TabSyncError) in
+            try connector.run(
+                "INSERT INTO tabsync_locks (store, name) VALUES (\(store), \(name)) ON CONFLICT DO NOTHING",
+                on: connection, doing: "registering the lock \(name)")
+        }
+        return PostgresLock(backend: self, name: name, key: Schema.lockKey(store: store, name: name))
+    }
+
+    /// The commit lock first, then the store's named locks, by name.
+    public func queryLocks() -> [LockReport] {
+        var reports: [LockReport] = []
+        if let commit = try? lockReport(name: store, key: Schema.lockKey(store: store)) { reports.append(commit) }
+        let names: [String] = (try? pool.with { connection throws(TabSyncError) in
+            try connector.run(
+                "SELECT name FROM tabsync_locks WHERE store = \(store) ORDER BY name", on: connection, doing: "listing the locks")
+                .compactMap { try? $0.decode(String.self) }
+        }) ?? []
+        for name in names {
+            if let report = try? lockReport(name: name, key: Schema.lockKey(store: store, name: name)) { reports.append(report) }
+        }
+        return reports
+    }
+
+    func lockReport(name: String, key: Int64) throws(TabSyncError) -> LockReport {
+        try pool.with { connection throws(TabSyncError) in
+            let rows = try connector.run(Schema.lockHoldersQuery(key: key), on: connection, doing: "reading pg_locks")
+            var holders: [LockHolder] = [], waiters: [LockHolder] = []
+            for row in rows {
+                let (granted, serverPID, application, address, since) = try decode(row, as: (Bool, Int32, String, String?, Double?).self)
+                let holder = Holder.lockHolder(
+                    applicationName: application, serverPID: serverPID, clientAddress: address,
+                    since: since.map { Date(timeIntervalSince1970: $0) })
+                if granted { holders.append(holder) } else { waiters.append(holder) }
+            }
+            return LockReport(name: name, path: location, holders: holders, waiters: waiters)
+        }
+    }
+}
