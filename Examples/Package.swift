@@ -3,7 +3,7 @@
 // The examples' own package: `tab`, the `tabsync` inspection tool, the demo launcher and the
 // development token server. A consumer of TabSync or TabSyncAuth depends on the root package
 // and never resolves what only these use (argument parsing, an HTTP server, cryptography).
-// scripts/test, scripts/demo and Benchmarks/run build it.
+// scripts/test, scripts/demo and Benchmarks/run build it. `tab --postgres` uses TabSyncPostgres.
 import Foundation
 import PackageDescription
 
@@ -27,6 +27,7 @@ let package = Package(
     ],
     dependencies: [
         .package(path: ".."),
+        .package(path: "../TabSyncPostgres"),
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
         .package(url: "https://github.com/apple/swift-crypto", from: "3.12.3"),
         .package(url: "https://github.com/swhitty/FlyingFox", from: "0.27.1"),
@@ -41,6 +42,7 @@ let package = Package(
                 "ExampleSupport",
                 .product(name: "TabSync", package: root),
                 .product(name: "TabSyncAuth", package: root),
+                .product(name: "TabSyncPostgres", package: "TabSyncPostgres"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             path: "tab",

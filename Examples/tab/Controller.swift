@@ -79,7 +79,14 @@ struct Controller: Sendable {
     }
 
     private func reportDetection(_ detection: ChangeDetection) {
-        output.emit([("type", .string("error")), ("code", .string("watcherUnavailable")), ("message", .string("change detection: \(detection)"))])
+        switch detection {
+        case .notifications:
+            output.emit([("type", .string("detection")), ("mode", .string("notifications"))])
+        case .reconnecting:
+            output.emit([("type", .string("error")), ("code", .string("unavailable")), ("message", .string("change detection: \(detection)"))])
+        case .inotify, .polling:
+            output.emit([("type", .string("error")), ("code", .string("watcherUnavailable")), ("message", .string("change detection: \(detection)"))])
+        }
     }
 
     private func printSession(_ events: AsyncStream<SessionEvent>) async {
@@ -228,6 +235,7 @@ struct Controller: Sendable {
         case .lockTimeout: "lockTimeout"
         case .directoryChanged: "directoryChanged"
         case .storeVanished: "storeVanished"
+        case .unavailable: "unavailable"
         default: "storage"
         }
     }

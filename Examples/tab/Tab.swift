@@ -3,6 +3,7 @@ import ExampleSupport
 import Foundation
 import TabSync
 import TabSyncAuth
+import TabSyncPostgres
 
 #if canImport(Glibc)
 import Glibc
@@ -16,7 +17,16 @@ struct Tab: AsyncParsableCommand {
         abstract: "One tab of a TabSync session: prints what it observes, takes commands on standard input.")
 
     @Option(help: "The shared session directory (created with mode 0700 when missing).")
-    var dir: String
+    var dir: String?
+
+    @Option(help: "Join a session on PostgreSQL instead of a directory: postgres://USER@HOST:PORT/DATABASE (the password from PGPASSWORD or --postgres-password-file, never the URL).")
+    var postgres: String?
+
+    @Option(help: "A file holding the PostgreSQL password (its first line).")
+    var postgresPasswordFile: String?
+
+    @Option(help: "With --postgres: the session's name, shared by its tabs on every host.")
+    var store = "tab"
 
     @Option(help: "This tab's name, shown to the others as the origin of its changes.")
     var name: String
@@ -109,6 +119,20 @@ struct Tab: AsyncParsableCommand {
         return nil
     }
 
+    /// The PostgreSQL server of --postgres; the password from --postgres-password-file or PGPASSWORD.
+    static func postgresConfiguration(_ url: String, passwordFile: String?) -> PostgresConfiguration {
+        var password = ProcessInfo.processInfo.environment["PGPASSWORD"].flatMap { $0.isEmpty ? nil : $0 }
+        if let passwordFile {
+            guard let text = try? String(contentsOfFile: passwordFile, encoding: .utf8) else { fail("cannot read --postgres-password-file \(passwordFile)") }
+            password = text.split(separator: "\n", maxSplits: 1, omittingEmptySubsequences: false).first.map(String.init)
+        }
+        do {
+            return try PostgresConfiguration(url: url, password: password)
+        } catch {
+            fail(error.message)
+        }
+    }
+
     /// The command line. Under some LD_PRELOAD libraries (libfaketime) the Swift runtime sees no
     /// arguments at all; the kernel's copy in /proc/self/cmdline is read then.
     static var arguments: [String] {
@@ -153,20 +177,31 @@ struct Tab: AsyncParsableCommand {
             Self.fail("--revocation-endpoint needs --token-endpoint")
         }
 
+        let postgres = postgres.map { Self.postgresConfiguration($0, passwordFile: postgresPasswordFile) }
+        guard (dir == nil) != (postgres == nil) else { Self.fail("give either --dir or --postgres") }
+
         let output = Output(json: json, name: name)
         let app: SharedStorage
         let session: AuthSession
         do {
             var storageOptions = SharedStorage.Options()
             storageOptions.lockTimeout = lockTimeout
-            app = try SharedStorage(directory: dir, name: "app", origin: name, options: storageOptions)
             var options = AuthSession.Options()
             options.storage = storageOptions
             options.leeway = leeway
             options.proactiveRefresh = proactiveRefresh
             options.reuseGracePeriod = reuseGracePeriod
             options.policy = SessionPolicy(idleTimeout: idleTimeout, absoluteTimeout: absoluteTimeout)
-            session = try AuthSession(directory: dir, origin: name, client: client, options: options)
+            if let postgres {
+                let appBackend = try PostgresBackend(configuration: postgres, store: "\(store)/app", origin: name, lockTimeout: lockTimeout)
+                app = try SharedStorage(backend: appBackend, origin: name, options: storageOptions)
+                let sessionBackend = try PostgresBackend(configuration: postgres, store: "\(store)/session", origin: name, lockTimeout: lockTimeout)
+                session = AuthSession(storage: try SharedStorage(backend: sessionBackend, origin: name, options: storageOptions), client: client, options: options)
+            } else {
+                let dir = dir!
+                app = try SharedStorage(directory: dir, name: "app", origin: name, options: storageOptions)
+                session = try AuthSession(directory: dir, origin: name, client: client, options: options)
+            }
         } catch let error as TabSyncError {
             Self.fail(error.description)
         } catch {

@@ -11,48 +11,7 @@ struct StorageAcrossProcessesTests {
     @Test func fourWritersAndFourObserversAgreeOnEveryChange() async throws {
         let directory = temporaryDirectory("storage")
         defer { try? FileManager.default.removeItem(atPath: directory) }
-        var writers: [ChildProcess] = []
-        var observers: [ChildProcess] = []
-        for index in 0..<4 { writers.append(try await launchTab(name: "writer-\(index)", directory: directory)) }
-        for index in 0..<4 { observers.append(try await launchTab(name: "observer-\(index)", directory: directory)) }
-        defer { (writers + observers).forEach { $0.stop() } }
-
-        let changes = 200
-        // All writers write at the same time, each on keys of its own.
-        for (index, writer) in writers.enumerated() {
-            writer.send((0..<changes).map { "set w\(index)-k\($0) value \($0) of writer \(index)" }.joined(separator: "\n"))
-        }
-        for writer in writers {
-            try await writer.waitFor("ok replies", count: changes, timeout: .seconds(300)) { $0["type"] as? String == "ok" }
-        }
-        let total = changes * writers.count
-        for observer in observers {
-            let events = try await observer.waitFor("storage events", count: total, timeout: .seconds(300)) { $0["type"] as? String == "storage" }
-            let sequences = events.compactMap { ($0["seq"] as? NSNumber)?.intValue }
-            #expect(sequences == Array(1...total), "\(observer.name) saw every change once, in order")
-            let keys = Set(events.compactMap { $0["key"] as? String })
-            #expect(keys.count == total)
-            // Per writer, the changes arrive in the order they were made.
-            for index in 0..<writers.count {
-                let own = events.filter { $0["origin"] as? String == "writer-\(index)" }.compactMap { $0["key"] as? String }
-                #expect(own == (0..<changes).map { "w\(index)-k\($0)" })
-            }
-        }
-        // Each writer sees the others' changes, never its own.
-        for (index, writer) in writers.enumerated() {
-            let events = try await writer.waitFor("storage events", count: total - changes, timeout: .seconds(300)) { $0["type"] as? String == "storage" }
-            #expect(events.count == total - changes)
-            #expect(!events.contains { $0["origin"] as? String == "writer-\(index)" })
-        }
-        // The final state holds all 800 keys, as read by a late process.
-        let late = try await launchTab(name: "late", directory: directory)
-        defer { late.stop() }
-        late.send("get w3-k199")
-        let value = try await late.waitFor("value") { $0["type"] as? String == "value" }
-        #expect(value.first?["value"] as? String == "value 199 of writer 3")
-        late.send("status")
-        let status = try await late.waitFor("status") { $0["type"] as? String == "status" }
-        #expect(status.first?["state"] as? String == "signedOut")
+        try await fourWritersAndFourObserversAgree { name in try await launchTab(name: name, directory: directory) }
     }
 
     @Test func aSetThatChangesNothingRaisesNoEventAndClearHasANullKey() async throws {
@@ -137,4 +96,52 @@ struct StorageAcrossProcessesTests {
         #expect(value.first?["value"] as? String == "1")
         try await healthy.waitFor("the limited tab's change") { $0["key"] as? String == "after" }
     }
+}
+
+/// Four writers with 200 changes each at once and four observers, all processes: every change
+/// reaches every observer once, in order; writers see the others' changes, never their own; a
+/// late process reads the final state. `launch` starts a tab of one session by name.
+func fourWritersAndFourObserversAgree(launch: (String) async throws -> ChildProcess) async throws {
+    var writers: [ChildProcess] = []
+    var observers: [ChildProcess] = []
+    for index in 0..<4 { writers.append(try await launch("writer-\(index)")) }
+    for index in 0..<4 { observers.append(try await launch("observer-\(index)")) }
+    defer { (writers + observers).forEach { $0.stop() } }
+
+    let changes = 200
+    // All writers write at the same time, each on keys of its own.
+    for (index, writer) in writers.enumerated() {
+        writer.send((0..<changes).map { "set w\(index)-k\($0) value \($0) of writer \(index)" }.joined(separator: "\n"))
+    }
+    for writer in writers {
+        try await writer.waitFor("ok replies", count: changes, timeout: .seconds(300)) { $0["type"] as? String == "ok" }
+    }
+    let total = changes * writers.count
+    for observer in observers {
+        let events = try await observer.waitFor("storage events", count: total, timeout: .seconds(300)) { $0["type"] as? String == "storage" }
+        let sequences = events.compactMap { ($0["seq"] as? NSNumber)?.intValue }
+        #expect(sequences == Array(1...total), "\(observer.name) saw every change once, in order")
+        let keys = Set(events.compactMap { $0["key"] as? String })
+        #expect(keys.count == total)
+        // Per writer, the changes arrive in the order they were made.
+        for index in 0..<writers.count {
+            let own = events.filter { $0["origin"] as? String == "writer-\(index)" }.compactMap { $0["key"] as? String }
+            #expect(own == (0..<changes).map { "w\(index)-k\($0)" })
+        }
+    }
+    // Each writer sees the others' changes, never its own.
+    for (index, writer) in writers.enumerated() {
+        let events = try await writer.waitFor("storage events", count: total - changes, timeout: .seconds(300)) { $0["type"] as? String == "storage" }
+        #expect(events.count == total - changes)
+        #expect(!events.contains { $0["origin"] as? String == "writer-\(index)" })
+    }
+    // The final state holds all 800 keys, as read by a late process.
+    let late = try await launch("late")
+    defer { late.stop() }
+    late.send("get w3-k199")
+    let value = try await late.waitFor("value") { $0["type"] as? String == "value" }
+    #expect(value.first?["value"] as? String == "value 199 of writer 3")
+    late.send("status")
+    let status = try await late.waitFor("status") { $0["type"] as? String == "status" }
+    #expect(status.first?["state"] as? String == "signedOut")
 }

@@ -65,14 +65,27 @@ final class Connector: Sendable {
     @discardableResult
     func run(_ query: PostgresQuery, on connection: PostgresConnection, timeout: Duration? = nil, doing: String) throws(TabSyncError) -> [PostgresRow] {
         let limit = timeout ?? configuration.operationTimeout
+        // The wait ends with the answer, at the bound, or when the connection closes (a cancelled
+        // wait closes it), whichever comes first: a query on a connection that is closing may
+        // never be answered, so the wait does not rest on the query alone.
+        let outcome = connection.eventLoop.makePromise(of: [PostgresRow].self)
+        let done = Atomic<Bool>(false)
         let timedOut = Atomic<Bool>(false)
+        connection.query(query, logger: logger).whenComplete { result in
+            if !done.exchange(true, ordering: .acquiringAndReleasing) { outcome.completeWith(result.map(\.rows)) }
+        }
+        connection.closeFuture.whenComplete { _ in
+            if !done.exchange(true, ordering: .acquiringAndReleasing) { outcome.fail(ConnectionClosed()) }
+        }
         let timer = connection.eventLoop.scheduleTask(in: .nanoseconds(Int64(limit.nanoseconds))) {
+            guard !done.exchange(true, ordering: .acquiringAndReleasing) else { return }
             timedOut.store(true, ordering: .relaxed)
+            outcome.fail(ConnectionClosed())
             connection.closeNow()
         }
         defer { timer.cancel() }
         do {
-            return try connection.query(query, logger: logger).wait().rows
+            return try outcome.futureResult.wait()
         } catch {
             if timedOut.load(ordering: .relaxed) {
                 throw TabSyncError(
@@ -87,6 +100,9 @@ final class Connector: Sendable {
     /// never its detail (which can quote stored values) nor the query's binds.
     static func failure(_ error: any Error, doing: String, at location: String) -> TabSyncError {
         if let error = error as? TabSyncError { return error }
+        if error is ConnectionClosed {
+            return TabSyncError(code: .unavailable, path: location, message: "The connection to the server was closed while \(doing)")
+        }
         guard let error = error as? PSQLError else {
             return TabSyncError(code: .unavailable, path: location, message: "The server could not be reached while \(doing): \(type(of: error))")
         }
@@ -106,6 +122,9 @@ final class Connector: Sendable {
             message: "The connection to the server failed while \(doing) (\(error.code))")
     }
 }
+
+/// A wait ended because its connection closed.
+struct ConnectionClosed: Error {}
 
 /// A few idle connections for short statements; a connection that failed is dropped.
 final class ConnectionPool: Sendable {
