@@ -10,7 +10,7 @@ struct AsyncCommitTests {
     /// The commit lock of `directory`'s storage, held by "another process" (a descriptor of its own).
     static func holdCommitLock(_ directory: borrowing TemporaryDirectory) throws -> any SessionLockHold {
         let lock = try FileLock(directory: SessionDirectory(path: directory.path), name: "storage")
-        return try #require(try lock.tryAcquire())
+        return try #require(try acquireSoon(lock))
     }
 
     @Test func blockedCommitsLeaveTheCooperativePoolFreeAndUseAFixedNumberOfThreads() async throws {

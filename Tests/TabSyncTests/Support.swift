@@ -30,6 +30,19 @@ func offPool<Result: Sendable>(_ work: @escaping @Sendable () throws -> Result) 
     try await StreamWait.offPool(work)
 }
 
+/// Takes a lock that should be free. A child that another test forks while a storage holds the
+/// lock (opening it, committing) shares it until its exec: a few milliseconds, hence tries for up
+/// to 2 s rather than one.
+func acquireSoon(_ lock: some SessionLock) throws -> (any SessionLockHold)? {
+    let deadline = ContinuousClock.now + .seconds(2)
+    var taken = try lock.tryAcquire()
+    while taken == nil, ContinuousClock.now < deadline {
+        Thread.sleep(forTimeInterval: 0.01)
+        taken = try lock.tryAcquire()
+    }
+    return taken
+}
+
 /// The suites that stall the process-wide watcher thread on purpose, or measure how fast it
 /// delivers, run one after another: in one test process, one stalling it would delay the other.
 @Suite(.serialized) enum WatcherThreadTests {}
