@@ -196,6 +196,8 @@ struct Tab: AsyncParsableCommand {
                 let appBackend = try PostgresBackend(configuration: postgres, store: "\(store)/app", origin: name, lockTimeout: lockTimeout)
                 app = try SharedStorage(backend: appBackend, origin: name, options: storageOptions)
                 let sessionBackend = try PostgresBackend(configuration: postgres, store: "\(store)/session", origin: name, lockTimeout: lockTimeout)
+                // Hosts' clocks differ: the session's deadlines, activity and backoff go by the server's.
+                options.clock = SessionClock { sessionBackend.serverTime() }
                 session = AuthSession(storage: try SharedStorage(backend: sessionBackend, origin: name, options: storageOptions), client: client, options: options)
             } else {
                 let dir = dir!

@@ -39,6 +39,8 @@ public final class PostgresBackend: StorageBackend {
     let lockPool: ConnectionPool
     private let cache = Mutex<Cached?>(nil)
     private let listener: Listener
+    /// The server's clock as measured at connection: its time at a local monotonic instant.
+    private let serverClock: Mutex<(milliseconds: Int64, at: ContinuousClock.Instant)>
 
     private struct Cached {
         var storeID: String
@@ -66,7 +68,36 @@ public final class PostgresBackend: StorageBackend {
         pool = ConnectionPool(connector: connector)
         lockPool = ConnectionPool(connector: connector, keep: 2)
         listener = Listener(connector: connector, store: store)
-        try pool.with { connection throws(TabSyncError) in try Self.prepareSchema(on: connection, connector) }
+        let connector = self.connector
+        let clock = try pool.with { connection throws(TabSyncError) in
+            try Self.prepareSchema(on: connection, connector)
+            return try Self.measureClock(on: connection, connector)
+        }
+        serverClock = Mutex(clock)
+    }
+
+    /// Now by the database server's clock: the time every host of the session shares. Measured
+    /// once at connection (the server's `clock_timestamp()` at the middle of a round trip) and
+    /// carried on with this host's monotonic clock, so reading it costs no round trip and a
+    /// host whose wall clock is wrong, or jumps, still agrees with the others. Use it as the
+    /// session's clock (`AuthSession.Options.clock`), so that deadlines, activity and backoff
+    /// are the same on every host.
+    public func serverTime() -> Date {
+        let (milliseconds, at) = serverClock.withLock { $0 }
+        return Date(timeIntervalSince1970: Double(milliseconds + (ContinuousClock.now - at).milliseconds) / 1000)
+    }
+
+    private static func measureClock(
+        on connection: PostgresConnection, _ connector: Connector
+    ) throws(TabSyncError) -> (milliseconds: Int64, at: ContinuousClock.Instant) {
+        let before = ContinuousClock.now
+        let rows = try connector.run(
+            "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint", on: connection, doing: "reading the server's clock")
+        let after = ContinuousClock.now
+        guard let milliseconds = (try? rows.first?.decode(Int64.self)) ?? nil else {
+            throw TabSyncError(code: .io, path: connector.configuration.description, message: "The server did not tell its time")
+        }
+        return (milliseconds, before + (after - before) / 2)
     }
 
     deinit {
