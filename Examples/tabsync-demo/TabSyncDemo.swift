@@ -52,6 +52,11 @@ struct TabSyncDemo: ParsableCommand {
             help: ArgumentHelp("The devtoken-server executable (default: next to this one).", valueName: "path"))
     var serverBinary: String?
 
+    @Option(help: ArgumentHelp(
+        "Put the session on PostgreSQL instead of a directory (postgres://USER@HOST:PORT/DATABASE; the password in PGPASSWORD). scripts/demo --postgres starts a throw-away server.",
+        valueName: "url"))
+    var postgres: String?
+
     @Flag(name: .customLong("server-log"), help: "Show the token server's request log (a line per request, never a token).")
     var serverLog = false
 
@@ -110,7 +115,12 @@ struct TabSyncDemo: ParsableCommand {
         let directory = try makeSessionDirectory()
         cast.directory = directory
 
-        console.write(console.paint("TabSync demo", "1") + ": \(tabs) tabs sharing the session directory \(directory)")
+        let store = "demo-\(UUID().uuidString.prefix(8).lowercased())"
+        if let postgres {
+            console.write(console.paint("TabSync demo", "1") + ": \(tabs) tabs sharing the session \(store) on PostgreSQL at \(postgres)")
+        } else {
+            console.write(console.paint("TabSync demo", "1") + ": \(tabs) tabs sharing the session directory \(directory)")
+        }
         console.write("Tokens are never printed, only a fingerprint (#xxxxxxxx, FNV-1a of the token).")
         console.narrate("Starting", "The development token server (access tokens live \(accessTTL) s), then \(tabs) tabs.")
 
@@ -137,10 +147,13 @@ struct TabSyncDemo: ParsableCommand {
             "--client-id", "tabsync-demo", "--client-secret", "demo-secret",
             "--leeway", String(Self.leeway),
         ]
+        // Where the session lives: the directory, or a store on PostgreSQL that every tab joins
+        // as a process on another host would.
+        let place = postgres.map { ["--postgres", $0, "--store", store] } ?? ["--dir", directory]
         var children: [Child] = []
         for name in names {
             let tab = try Child(name: name, kind: .tab, executable: tabPath,
-                                arguments: ["--dir", directory, "--name", name] + tabArguments, hub: hub, console: console)
+                                arguments: place + ["--name", name] + tabArguments, hub: hub, console: console)
             children.append(tab)
             cast.tabs.append(tab)
         }
