@@ -13,11 +13,15 @@ let package = Package(
     platforms: [.macOS(.v15)],
     dependencies: [
         .package(path: ".."),
+        .package(path: "../TabSyncPostgres"),
     ],
     targets: [
         .executableTarget(
             name: "tabsync-bench",
-            dependencies: [.product(name: "TabSync", package: root)],
+            dependencies: [
+                .product(name: "TabSync", package: root),
+                .product(name: "TabSyncPostgres", package: "TabSyncPostgres"),
+            ],
             swiftSettings: [
                 .enableUpcomingFeature("ExistentialAny"),
                 .enableUpcomingFeature("MemberImportVisibility"),

@@ -57,7 +57,7 @@ class Run:
         self.counter = 0
         self.tmpfs_root = f"/dev/shm/tabsync-bench-{os.getpid()}"
         self.disk_root = os.path.join(RESULTS, "tmp", f"run-{os.getpid()}")
-        self.results = {"propagation": [], "polling": [], "throughput": [], "idle": [], "storm": [], "journal": []}
+        self.results = {"propagation": [], "polling": [], "throughput": [], "idle": [], "storm": [], "journal": [], "postgres": []}
         self.journal_entries = None
 
     def fresh_dir(self, root):
@@ -98,12 +98,17 @@ class Run:
         ack = directory + ".ack"
         os.mkfifo(ack, 0o600)
         outs = [f"{directory}.r{i}" for i in range(readers)]
+        writer = self.command(impl) + ["writer", "--dir", directory, "--ack", ack, "--readers", str(readers),
+                                       "--changes", str(total)] + self.durability(impl, fsync) + (["--gap-us", str(gap_us)] if gap_us else [])
+        reader_commands = [self.command(impl) + [role, "--dir", directory, "--ack", ack, "--changes", str(total), "--out", out] for out in outs]
+        return self.measure(f"{impl} {role} N={readers}", writer, reader_commands, outs, changes)
+
+    def measure(self, label, writer_command, reader_commands, outs, changes, env=None):
+        """Runs a writer and its readers (ack FIFO protocol) and summarises the readers' samples."""
+        total = changes + self.warmup
         started = time.monotonic()
-        writer = subprocess.Popen(self.command(impl) + ["writer", "--dir", directory, "--ack", ack, "--readers", str(readers),
-                                                        "--changes", str(total)] + self.durability(impl, fsync)
-                                  + (["--gap-us", str(gap_us)] if gap_us else []))
-        procs = [subprocess.Popen(self.command(impl) + [role, "--dir", directory, "--ack", ack, "--changes", str(total), "--out", out])
-                 for out in outs]
+        writer = subprocess.Popen(writer_command, env=env)
+        procs = [subprocess.Popen(command, env=env) for command in reader_commands]
         deadline = started + (900 if not self.args.quick else 300)
         failed = None
         for proc in [writer] + procs:
@@ -118,14 +123,14 @@ class Run:
                 if proc.poll() is None:
                     proc.kill()
                     proc.wait()
-            raise RuntimeError(f"{impl} {role} N={readers} failed: {failed}")
+            raise RuntimeError(f"{label} failed: {failed}")
         elapsed = time.monotonic() - started
         per_reader = []
         for out in outs:
             with open(out) as handle:
                 values = [int(line) for line in handle if line.strip()]
             if len(values) != total:
-                raise RuntimeError(f"{impl} reader delivered {len(values)} of {total} changes")
+                raise RuntimeError(f"{label}: a reader delivered {len(values)} of {total} changes")
             per_reader.append(values[self.warmup:])
         pooled = [value for values in per_reader for value in values]
         last = [max(values[i] for values in per_reader) for i in range(changes)]
@@ -133,6 +138,55 @@ class Run:
         result["all_p99_us"] = summary(last)["p99_us"]
         result["seconds"] = elapsed
         return result
+
+    # 7. PostgreSQL (TabSyncPostgres) next to the bare baseline (pgbare.c: INSERT + NOTIFY, a
+    # listener that reads the row) and the file backend, over loopback.
+    def run_postgres(self):
+        url, conninfo = self.args.postgres_url, self.args.postgres_conninfo
+        env = dict(os.environ)  # PGPASSWORD from Benchmarks/run
+        subprocess.run([self.args.pgbare, "setup", "--conninfo", conninfo], check=True, env=env, timeout=60)
+        os.makedirs(self.tmpfs_root, mode=0o700, exist_ok=True)
+        changes = self.changes // 2
+        for readers in (1, 4, 16):
+            for impl in ("tabsync-pg", "pgbare", "tabsync-file"):
+                self.counter += 1
+                ack = os.path.join(self.tmpfs_root, f"pgack{self.counter}")
+                os.mkfifo(ack, 0o600)
+                outs = [f"{ack}.r{i}" for i in range(readers)]
+                total = str(changes + self.warmup)
+                if impl == "tabsync-pg":
+                    place = ["--postgres", url, "--store", f"bench-{os.getpid()}-{self.counter}"]
+                    writer = [self.bench, "writer"] + place + ["--ack", ack, "--readers", str(readers), "--changes", total]
+                    reader_commands = [[self.bench, "reader"] + place + ["--ack", ack, "--changes", total, "--out", out] for out in outs]
+                elif impl == "pgbare":
+                    key = f"p{self.counter}"
+                    writer = [self.args.pgbare, "writer", "--conninfo", conninfo, "--key", key, "--ack", ack, "--readers", str(readers), "--changes", total]
+                    reader_commands = [[self.args.pgbare, "reader", "--conninfo", conninfo, "--ack", ack, "--changes", total, "--out", out] for out in outs]
+                else:
+                    directory = self.fresh_dir(self.tmpfs_root)
+                    writer = [self.bench, "writer", "--dir", directory, "--ack", ack, "--readers", str(readers), "--changes", total, "--durability", "none"]
+                    reader_commands = [[self.bench, "reader", "--dir", directory, "--ack", ack, "--changes", total, "--out", out] for out in outs]
+                log(f"postgres propagation {impl} N={readers}")
+                result = self.measure(f"{impl} N={readers}", writer, reader_commands, outs, changes, env=env)
+                result.update({"kind": "propagation", "impl": impl, "readers": readers, "changes": changes})
+                self.results["postgres"].append(result)
+                log(f"  p50 {result['p50_us']:.0f} us  p99 {result['p99_us']:.0f} us  ({result['seconds']:.1f} s)")
+        seconds = 1 if self.args.quick else 3
+        for writers in (1, 4):
+            for impl in ("tabsync-pg", "pgbare"):
+                self.counter += 1
+                start_at = time.monotonic_ns() + 2_000_000_000
+                if impl == "tabsync-pg":
+                    commands = [[self.bench, "throughput", "--postgres", url, "--store", f"bench-{os.getpid()}-{self.counter}",
+                                 "--start-at", str(start_at), "--seconds", str(seconds), "--key", f"w{i}"] for i in range(writers)]
+                else:
+                    start_real = time.time_ns() + 2_000_000_000
+                    commands = [[self.args.pgbare, "throughput", "--conninfo", conninfo, "--start-at", str(start_real),
+                                 "--seconds", str(seconds), "--key", f"t{self.counter}w{i}"] for i in range(writers)]
+                procs = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env) for command in commands]
+                commits, rate = self.collect_throughput(procs, seconds, impl)
+                self.results["postgres"].append({"kind": "throughput", "impl": impl, "writers": writers, "commits": commits, "per_second": rate})
+                log(f"postgres throughput {impl} writers={writers}: {rate:.0f} commits/s")
 
     def run_propagation(self):
         roots = [("tmpfs", self.tmpfs_root), ("disk", self.disk_root)]
@@ -181,17 +235,22 @@ class Run:
                                                                     "--seconds", str(seconds)] + self.durability(impl, fsync)
                                               + (["--key", f"w{i}"] if impl == "tabsync" else []),
                                               stdout=subprocess.PIPE, text=True) for i in range(writers)]
-                    commits, elapsed = 0, 0
-                    for proc in procs:
-                        out, _ = proc.communicate(timeout=seconds + 120)
-                        if proc.returncode != 0:
-                            raise RuntimeError(f"{impl} throughput writer failed")
-                        count, nanos = out.split()
-                        commits += int(count)
-                        elapsed = max(elapsed, int(nanos))
-                    rate = commits / (elapsed / 1e9)
+                    commits, rate = self.collect_throughput(procs, seconds, impl)
                     self.results["throughput"].append({"impl": impl, "fs": fs, "fsync": fsync, "writers": writers, "commits": commits, "per_second": rate})
                     log(f"throughput {impl} {fs} fsync={fsync} writers={writers}: {rate:.0f} commits/s")
+
+    @staticmethod
+    def collect_throughput(procs, seconds, impl):
+        """(commits, commits per second) of throughput writers that print `COUNT NANOSECONDS`."""
+        commits, elapsed = 0, 0
+        for proc in procs:
+            out, _ = proc.communicate(timeout=seconds + 120)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{impl} throughput writer failed")
+            count, nanos = out.split()
+            commits += int(count)
+            elapsed = max(elapsed, int(nanos))
+        return commits, commits / (elapsed / 1e9)
 
     # 4. Idle cost.
     @staticmethod
@@ -473,7 +532,10 @@ def main():
     parser.add_argument("--tab", required=True)
     parser.add_argument("--devtoken", required=True)
     parser.add_argument("--quick", action="store_true", help="fewer changes and rounds; for trying the benchmark, not for publishing")
-    parser.add_argument("--only", default="propagation,throughput,idle,storm,journal")
+    parser.add_argument("--only", default="propagation,throughput,idle,storm,journal,postgres")
+    parser.add_argument("--pgbare", help="the bare PostgreSQL baseline (Benchmarks/baseline/pgbare.c)")
+    parser.add_argument("--postgres-url", help="the PostgreSQL server for the postgres section (Benchmarks/run starts one)")
+    parser.add_argument("--postgres-conninfo", help="the same server as a libpq conninfo, for pgbare")
     parser.add_argument("--merge", action="store_true", help="keep the other sections of an earlier results.json in --out")
     parser.add_argument("--out", help="where to write (default: results/, or results/tmp/quick/ with --quick, so that a quick run never replaces the published figures)")
     args = parser.parse_args()
@@ -496,6 +558,8 @@ def main():
             run.run_propagation()
         if "journal" in steps:
             run.run_journal()
+        if "postgres" in steps:
+            run.run_postgres()
     finally:
         run.cleanup()
     info["minutes"] = (time.monotonic() - started) / 60

@@ -5,6 +5,8 @@ import os
 GOAL_LATENCY_RATIO = 2.0
 GOAL_THROUGHPUT_RATIO = 0.5
 GOAL_IDLE_MS = 1.0
+PG_LATENCY_RATIO = 2.0
+PG_THROUGHPUT_RATIO = 0.5
 SIGNED_IN_IDLE = "tab, signed in: run() with policy and proactive refresh"
 
 
@@ -65,6 +67,20 @@ def goals(document):
                         f"{idle['cpu_ms']:.3f} ms, {idle['wakeups']:.0f} wake-ups per 10 s"
                         + (f" (bare Swift process: {bare['wakeups']:.0f})" if bare else ""),
                         idle["cpu_ms"] < GOAL_IDLE_MS and quiet))
+    rows = document.get("postgres", [])
+    tab = find(rows, kind="propagation", impl="tabsync-pg", readers=16)
+    bare = find(rows, kind="propagation", impl="pgbare", readers=16)
+    if tab and bare:
+        ratio = tab["p99_us"] / bare["p99_us"]
+        out.append((f"PostgreSQL: p99 propagation within {PG_LATENCY_RATIO:g}x of the bare baseline, N = 16",
+                    f"{us(tab['p99_us'])} vs {us(bare['p99_us'])}: {ratio:.1f}x", ratio <= PG_LATENCY_RATIO))
+    for writers in (1, 4):
+        tab = find(rows, kind="throughput", impl="tabsync-pg", writers=writers)
+        bare = find(rows, kind="throughput", impl="pgbare", writers=writers)
+        if tab and bare:
+            ratio = tab["per_second"] / bare["per_second"]
+            out.append((f"PostgreSQL: throughput at least {PG_THROUGHPUT_RATIO:g} of the bare baseline, {writers} writer(s)",
+                        f"{tab['per_second']:.0f} vs {bare['per_second']:.0f} commits/s: {ratio:.2f}", ratio >= PG_THROUGHPUT_RATIO))
     return out
 
 
@@ -193,6 +209,33 @@ def markdown(document):
                 ratio = f"{row['p99_us'] / raw['p99_us']:.1f}x" if raw else "-"
                 add(f"| {readers} | {row['journal']} | {us(row['p50_us'])} | {us(row['p99_us'])} | "
                     f"{us(raw['p50_us']) if raw else '-'} | {us(raw['p99_us']) if raw else '-'} | {ratio} |")
+        add("")
+    if document.get("postgres"):
+        rows = document["postgres"]
+        add("## 7. PostgreSQL (TabSyncPostgres)")
+        add("")
+        add("The same writer and readers with the store on PostgreSQL over loopback (a throw-away cluster, fsync off), "
+            "next to the bare baseline (Benchmarks/baseline/pgbare.c: one transaction with an INSERT and a NOTIFY per "
+            "change, listeners that read the row) and the file backend on tmpfs. Goals (issue 15): p99 within "
+            f"{PG_LATENCY_RATIO:g}x of the bare baseline at N = 16, throughput at least {PG_THROUGHPUT_RATIO:g}x of its.")
+        add("")
+        add("| N | TabSyncPostgres p50 | p99 | bare p50 | p99 | p99 ratio | file backend p50 | p99 |")
+        add("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for readers in (1, 4, 16):
+            tab = find(rows, kind="propagation", impl="tabsync-pg", readers=readers)
+            bare = find(rows, kind="propagation", impl="pgbare", readers=readers)
+            file = find(rows, kind="propagation", impl="tabsync-file", readers=readers)
+            if tab and bare:
+                add(f"| {readers} | {us(tab['p50_us'])} | {us(tab['p99_us'])} | {us(bare['p50_us'])} | {us(bare['p99_us'])} | "
+                    f"{tab['p99_us'] / bare['p99_us']:.1f}x | {us(file['p50_us']) if file else '-'} | {us(file['p99_us']) if file else '-'} |")
+        add("")
+        add("| writers | TabSyncPostgres commits/s | bare commits/s | ratio |")
+        add("| ---: | ---: | ---: | ---: |")
+        for writers in (1, 4):
+            tab = find(rows, kind="throughput", impl="tabsync-pg", writers=writers)
+            bare = find(rows, kind="throughput", impl="pgbare", writers=writers)
+            if tab and bare:
+                add(f"| {writers} | {tab['per_second']:.0f} | {bare['per_second']:.0f} | {tab['per_second'] / bare['per_second']:.2f} |")
         add("")
     for rerun in document.get("reruns", []):
         add(f"Sections {', '.join(rerun['sections'])} were measured again on {rerun['date']} (load {rerun['load']}).")

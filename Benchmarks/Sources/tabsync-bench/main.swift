@@ -8,7 +8,9 @@
 //   tabsync-bench bare-idle  --dir D --ack FIFO  (no storage: an async Swift process waiting on a stream)
 //   tabsync-bench fill       --dir D --changes K [--durability none|file|full]
 //
-// Every role also takes --journal-entries N (default: TabSync's 512), to see what the journal costs.
+// Every role also takes --journal-entries N (default: TabSync's 512), to see what the journal costs,
+// and --postgres URL --store NAME in place of --dir, for the store on PostgreSQL (TabSyncPostgres;
+// the password in PGPASSWORD).
 //
 // `fill` commits K changes before a measurement, so that the journal is as full as in a session
 // that has been in use for a while (512 entries by default) rather than empty.
@@ -19,6 +21,7 @@
 // each on the ack FIFO) before it commits the next one.
 import Foundation
 import TabSync
+import TabSyncPostgres
 
 #if canImport(Glibc)
 import Glibc
@@ -47,6 +50,8 @@ struct Options {
     var key = "stamp"
     var durability = Durability.file
     var journalEntries: Int?
+    var postgres: String?
+    var store = "bench"
 
     init(_ arguments: [String]) {
         guard arguments.count >= 2 else { fail("usage: tabsync-bench writer|reader|idle|throughput [options]") }
@@ -64,13 +69,15 @@ struct Options {
             case "--start-at": startAt = Int64(value) ?? 0
             case "--key": key = value
             case "--journal-entries": journalEntries = Int(value)
+            case "--postgres": postgres = value
+            case "--store": store = value
             case "--durability":
                 guard let setting = Durability(rawValue: value) else { fail("--durability must be none, file or full") }
                 durability = setting
             default: fail("unknown option \(name)")
             }
         }
-        guard !dir.isEmpty else { fail("--dir is required") }
+        guard !dir.isEmpty || postgres != nil else { fail("--dir or --postgres is required") }
     }
 }
 
@@ -114,6 +121,11 @@ func openStorage(_ options: Options, origin: String) -> SharedStorage {
         settings.journalLimits = JournalLimits(maximumEntries: entries)
     }
     do {
+        if let url = options.postgres {
+            let configuration = try PostgresConfiguration(url: url, password: ProcessInfo.processInfo.environment["PGPASSWORD"])
+            let backend = try PostgresBackend(configuration: configuration, store: options.store, origin: origin)
+            return try SharedStorage(backend: backend, origin: origin, options: settings)
+        }
         return try SharedStorage(directory: options.dir, name: "bench", origin: origin, options: settings)
     } catch {
         fail("cannot open the storage: \(error)")
