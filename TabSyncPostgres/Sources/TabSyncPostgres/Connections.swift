@@ -22,11 +22,14 @@ final class Connector: Sendable {
     let logger: Logger
     private let group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton
     private let nextID = Atomic<Int>(1)
+    /// The TLS context every connection shares, when TLS is required.
+    private let tls: Result<NIOSSLContext, any Error>?
 
     init(configuration: PostgresConfiguration, origin: String, logger: Logger) {
         self.configuration = configuration
         self.logger = logger
         applicationName = Holder.applicationName(origin: origin)
+        tls = configuration.tls == .require ? Result { try NIOSSLContext(configuration: .makeClientConfiguration()) } : nil
     }
 
     /// A new connection, or ``TabSyncError/Code/unavailable``.
@@ -34,13 +37,11 @@ final class Connector: Sendable {
         var postgres = PostgresConnection.Configuration(
             host: configuration.host, port: configuration.port, username: configuration.username,
             password: configuration.password, database: configuration.database, tls: .disable)
-        if configuration.tls == .require {
-            do {
-                let context = try NIOSSLContext(configuration: .makeClientConfiguration())
-                postgres.tls = .require(context)
-            } catch {
-                throw TabSyncError(code: .unavailable, path: configuration.description, message: "TLS could not be set up: \(error)")
-            }
+        switch tls {
+        case let .success(context)?: postgres.tls = .require(context)
+        case let .failure(error)?:
+            throw TabSyncError(code: .unavailable, path: configuration.description, message: "TLS could not be set up: \(error)")
+        case nil: break
         }
         postgres.options.connectTimeout = .nanoseconds(Int64(configuration.connectTimeout.nanoseconds))
         let keepalive = configuration.keepalive
@@ -173,23 +174,59 @@ final class ConnectionPool: Sendable {
 }
 
 /// Runs blocking work on a thread of its own, so that an async caller never holds a Swift
-/// concurrency thread while it waits for the network. Cancelling the task runs `onCancel`
-/// (which closes the connection the work waits on, so that it returns at once).
+/// concurrency thread while it waits for the network. Cancelling the task interrupts the wait
+/// the work has armed (see ``Interruption``), which then ends with `CancellationError`.
 enum Blocking {
-    static func run<Result: Sendable>(
-        onCancel: @escaping @Sendable () -> Void = {}, _ work: @escaping @Sendable () throws -> Result
-    ) async throws -> Result {
+    static func run<Result: Sendable>(_ work: @escaping @Sendable (Interruption) throws -> Result) async throws -> Result {
         try Task.checkCancellation()
-        return try await withTaskCancellationHandler {
-            try await withCheckedThrowingContinuation { continuation in
-                let thread = Thread { continuation.resume(with: Swift.Result { try work() }) }
-                thread.name = "TabSyncPostgres.io"
-                thread.start()
+        let interruption = Interruption()
+        do {
+            return try await withTaskCancellationHandler {
+                try await withCheckedThrowingContinuation { continuation in
+                    let thread = Thread { continuation.resume(with: Swift.Result { try work(interruption) }) }
+                    thread.name = "TabSyncPostgres.io"
+                    thread.start()
+                }
+            } onCancel: {
+                interruption.cancel()
             }
-        } onCancel: {
-            onCancel()
+        } catch {
+            if interruption.isCancelled { throw CancellationError() }
+            throw error
         }
     }
+}
+
+/// A wait on a connection that cancelling its task ends at once: the connection is closed, so
+/// the statement waiting on it fails (and the server rolls back what it did on it).
+final class Interruption: Sendable {
+    private let state = Mutex<(connection: PostgresConnection?, cancelled: Bool)>((nil, false))
+
+    /// From now on, a cancellation closes `connection`. False (and nothing armed) when the task
+    /// was cancelled already.
+    func arm(_ connection: PostgresConnection) -> Bool {
+        state.withLock { state in
+            guard !state.cancelled else { return false }
+            state.connection = connection
+            return true
+        }
+    }
+
+    /// The wait is over; a cancellation no longer closes the connection.
+    func disarm() {
+        state.withLock { $0.connection = nil }
+    }
+
+    func cancel() {
+        let armed = state.withLock { state in
+            state.cancelled = true
+            defer { state.connection = nil }
+            return state.connection
+        }
+        armed?.closeNow()
+    }
+
+    var isCancelled: Bool { state.withLock { $0.cancelled } }
 }
 
 /// How a connection names its process to the server (`application_name`), and how a name read

@@ -39,6 +39,8 @@ public final class PostgresBackend: StorageBackend {
     let lockPool: ConnectionPool
     private let cache = Mutex<Cached?>(nil)
     private let listener: Listener
+    /// Lock names this backend has entered in `tabsync_locks` (once each, not at every use).
+    private let registeredLocks = Mutex<Set<String>>([])
     /// The server's clock as measured at connection: its time at a local monotonic instant.
     private let serverClock: Mutex<(milliseconds: Int64, at: ContinuousClock.Instant)>
 
@@ -232,7 +234,7 @@ public final class PostgresBackend: StorageBackend {
     public func commit<Result>(
         as author: ChangeAuthor, _ body: (inout StoreTransaction) throws(TabSyncError) -> Result
     ) throws(TabSyncError) -> Result {
-        try pool.with { connection throws(TabSyncError) in try commit(on: connection, as: author, body, whileWaiting: nil) }
+        try pool.with { connection throws(TabSyncError) in try commit(on: connection, as: author, body) }
     }
 
     public func commit<Result: Sendable>(
@@ -240,39 +242,24 @@ public final class PostgresBackend: StorageBackend {
     ) async throws -> Result {
         // A cancelled wait for the lock closes the connection: the server ends the transaction,
         // and nothing of it is committed. Once the lock is held the commit goes through.
-        let waiting = Mutex<PostgresConnection?>(nil)
-        let cancelled = Atomic<Bool>(false)
-        do {
-            return try await Blocking.run(onCancel: {
-                cancelled.store(true, ordering: .relaxed)
-                waiting.withLock { $0 }?.closeNow()
-            }) { () throws -> Result in
-                try self.pool.with { connection throws(TabSyncError) in
-                    try self.commit(on: connection, as: author, body, whileWaiting: { connection in
-                        if cancelled.load(ordering: .relaxed) { return false }
-                        waiting.withLock { $0 = connection }
-                        return true
-                    }, waited: { waiting.withLock { $0 = nil } })
-                }
+        try await Blocking.run { interruption in
+            try self.pool.with { connection throws(TabSyncError) in
+                try self.commit(on: connection, as: author, body, interruption: interruption)
             }
-        } catch {
-            if cancelled.load(ordering: .relaxed), Task.isCancelled { throw CancellationError() }
-            throw error
         }
     }
 
-    /// The commit's transaction. `whileWaiting` is told the connection before the lock wait
-    /// (false: cancelled already) and `waited` after it.
+    /// The commit's transaction. With an `interruption`, a cancellation ends the wait for the lock.
     private func commit<Result>(
         on connection: PostgresConnection, as author: ChangeAuthor, _ body: (inout StoreTransaction) throws(TabSyncError) -> Result,
-        whileWaiting: ((PostgresConnection) -> Bool)?, waited: () -> Void = {}
+        interruption: Interruption? = nil
     ) throws(TabSyncError) -> Result {
         try Self.transaction(on: connection, connector) { () throws(TabSyncError) -> Result in
-            if let whileWaiting, !whileWaiting(connection) {
+            if let interruption, !interruption.arm(connection) {
                 throw TabSyncError(code: .closed, path: location, message: "The commit was cancelled")
             }
             try lockForCommit(on: connection)
-            waited()
+            interruption?.disarm()
             let head = try connector.run(
                 "SELECT store_id, sequence FROM tabsync_stores WHERE name = \(store)", on: connection, doing: "reading the store")
             var storeID: String, sequence: Int64, values: [String: String]
@@ -318,12 +305,17 @@ public final class PostgresBackend: StorageBackend {
                 "SELECT set_config('lock_timeout', \("\(milliseconds)ms"), true), pg_advisory_xact_lock(\(key))",
                 on: connection, timeout: lockTimeout + configuration.operationTimeout, doing: "waiting for the commit lock")
         } catch where error.code == .lockTimeout {
-            let holders = (try? lockReport(name: store, key: key).holders) ?? []
-            throw TabSyncError(
-                code: .lockTimeout, path: location,
-                message: "The commit lock of \(store) was not free within \(lockTimeout); held by \(holders.isEmpty ? "another session" : holders.map(\.description).joined(separator: ", "))",
-                holders: holders)
+            throw lockTimeoutError("The commit lock of \(store)", name: store, key: key, after: lockTimeout)
         }
+    }
+
+    /// ``TabSyncError/Code/lockTimeout`` for `what` (lock `name`, key `key`), naming its holders.
+    func lockTimeoutError(_ what: String, name: String, key: Int64, after bound: Duration) -> TabSyncError {
+        let holders = (try? lockReport(name: name, key: key).holders) ?? []
+        return TabSyncError(
+            code: .lockTimeout, path: location,
+            message: "\(what) was not free within \(bound); held by \(holders.isEmpty ? "another session" : holders.map(\.description).joined(separator: ", "))",
+            holders: holders)
     }
 
     private func write(_ transaction: StoreTransaction, on connection: PostgresConnection, author: ChangeAuthor) throws(TabSyncError) {
@@ -405,10 +397,13 @@ public final class PostgresBackend: StorageBackend {
         guard !name.isEmpty, name.utf8.count <= 64, name.unicodeScalars.allSatisfy({ $0.properties.generalCategory != .control }) else {
             throw TabSyncError(code: .invalidArgument, path: nil, message: "A lock name must be 1 to 64 bytes without control characters")
         }
-        _ = try pool.with { connection throws(TabSyncError) in
-            try connector.run(
-                "INSERT INTO tabsync_locks (store, name) VALUES (\(store), \(name)) ON CONFLICT DO NOTHING",
-                on: connection, doing: "registering the lock \(name)")
+        if !registeredLocks.withLock({ $0.contains(name) }) {
+            _ = try pool.with { connection throws(TabSyncError) in
+                try connector.run(
+                    "INSERT INTO tabsync_locks (store, name) VALUES (\(store), \(name)) ON CONFLICT DO NOTHING",
+                    on: connection, doing: "registering the lock \(name)")
+            }
+            registeredLocks.withLock { _ = $0.insert(name) }
         }
         return PostgresLock(backend: self, name: name, key: Schema.lockKey(store: store, name: name))
     }

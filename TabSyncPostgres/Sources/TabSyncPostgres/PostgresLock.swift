@@ -36,42 +36,30 @@ final class PostgresLock: SessionLock {
     }
 
     func acquire(timeout: Duration?) async throws -> any SessionLockHold {
-        let waiting = Mutex<PostgresConnection?>(nil)
-        let cancelled = Atomic<Bool>(false)
         let (backend, key, name) = (self.backend, self.key, self.name)
-        do {
-            return try await Blocking.run(onCancel: {
-                cancelled.store(true, ordering: .relaxed)
-                waiting.withLock { $0 }?.closeNow()
-            }) { () throws -> any SessionLockHold in
-                let connection = try backend.lockPool.checkOut()
-                waiting.withLock { $0 = connection }
-                if cancelled.load(ordering: .relaxed) { connection.closeNow() }
-                let bound = timeout.map { max($0, .milliseconds(1)) }
-                do throws(TabSyncError) {
-                    try backend.connector.run(
-                        "SELECT set_config('lock_timeout', \("\(bound?.milliseconds ?? 0)ms"), false)", on: connection, doing: "waiting for the lock \(name)")
-                    try backend.connector.run(
-                        "SELECT pg_advisory_lock(\(key))", on: connection,
-                        timeout: (bound ?? .seconds(365 * 86_400)) + backend.configuration.operationTimeout, doing: "waiting for the lock \(name)")
-                    try backend.connector.run("SELECT set_config('lock_timeout', '0', false)", on: connection, doing: "taking the lock \(name)")
-                } catch {
-                    connection.closeNow()
-                    if error.code == .lockTimeout {
-                        let holders = (try? backend.lockReport(name: name, key: key).holders) ?? []
-                        throw TabSyncError(
-                            code: .lockTimeout, path: backend.location,
-                            message: "The lock \(name) was not free within \(bound ?? .zero); held by \(holders.isEmpty ? "another session" : holders.map(\.description).joined(separator: ", "))",
-                            holders: holders)
-                    }
-                    throw error
-                }
-                waiting.withLock { $0 = nil }
-                return PostgresLockHold(connection: connection, key: key, backend: backend)
+        return try await Blocking.run { interruption in
+            let connection = try backend.lockPool.checkOut()
+            guard interruption.arm(connection) else {
+                backend.lockPool.checkIn(connection)
+                throw CancellationError()
             }
-        } catch {
-            if cancelled.load(ordering: .relaxed) { throw CancellationError() }
-            throw error
+            let bound = timeout.map { max($0, .milliseconds(1)) }
+            do throws(TabSyncError) {
+                try backend.connector.run(
+                    "SELECT set_config('lock_timeout', \("\(bound?.milliseconds ?? 0)ms"), false)", on: connection, doing: "waiting for the lock \(name)")
+                try backend.connector.run(
+                    "SELECT pg_advisory_lock(\(key))", on: connection,
+                    timeout: (bound ?? .seconds(365 * 86_400)) + backend.configuration.operationTimeout, doing: "waiting for the lock \(name)")
+                try backend.connector.run("SELECT set_config('lock_timeout', '0', false)", on: connection, doing: "taking the lock \(name)")
+            } catch {
+                connection.closeNow()
+                if error.code == .lockTimeout {
+                    throw backend.lockTimeoutError("The lock \(name)", name: name, key: key, after: bound ?? .zero)
+                }
+                throw error
+            }
+            interruption.disarm()
+            return PostgresLockHold(connection: connection, key: key, backend: backend)
         }
     }
 
