@@ -3,6 +3,10 @@ import Testing
 import TabSync
 import TabSyncPostgres
 
+#if canImport(Glibc)
+import Glibc
+#endif
+
 /// The PostgreSQL server of this test run: the one scripts/test started (its URL and password in
 /// TABSYNC_TEST_POSTGRES_URL and TABSYNC_TEST_POSTGRES_PASSWORD), or else a throw-away cluster
 /// started here with scripts/postgres-cluster and stopped when the test process exits.
@@ -20,7 +24,9 @@ enum TestServer {
             return Server(url: url, password: password, dataDirectory: environment["TABSYNC_TEST_POSTGRES_DATA"], binDirectory: environment["TABSYNC_TEST_POSTGRES_BIN"])
         }
         let directory = "\(FileManager.default.temporaryDirectory.path)/tabsync-pg-\(getpid())"
-        let output = run([script, "start", directory])
+        // The script's server would hold a pipe open: its settings are read from the file it writes.
+        run([script, "start", directory])
+        let output = (try? String(contentsOfFile: "\(directory)/env", encoding: .utf8)) ?? ""
         var fields: [String: String] = [:]
         for line in output.split(separator: "\n") {
             let parts = line.split(separator: "=", maxSplits: 1).map(String.init)
@@ -30,7 +36,7 @@ enum TestServer {
             fatalError("scripts/postgres-cluster did not start a server: \(output)")
         }
         startedDirectory = directory
-        atexit { if let directory = TestServer.startedDirectory { _ = TestServer.run([TestServer.script, "stop", directory]) } }
+        atexit { if let directory = TestServer.startedDirectory { TestServer.run([TestServer.script, "stop", directory]) } }
         return Server(url: url, password: password, dataDirectory: fields["TABSYNC_TEST_POSTGRES_DATA"], binDirectory: fields["TABSYNC_TEST_POSTGRES_BIN"])
     }()
 
@@ -49,16 +55,18 @@ enum TestServer {
         "\(prefix)-\(UUID().uuidString.prefix(8).lowercased())"
     }
 
-    @discardableResult
-    static func run(_ arguments: [String]) -> String {
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        process.arguments = arguments
-        let pipe = Pipe()
-        process.standardOutput = pipe
-        do { try process.run() } catch { return "" }
-        let data = pipe.fileHandleForReading.readDataToEndOfFile()
-        process.waitUntilExit()
-        return String(decoding: data, as: UTF8.self)
+    /// Runs a command to its end with /dev/null for its standard streams (posix_spawn and
+    /// waitpid: a server it starts inherits every descriptor, so a pipe would never end).
+    static func run(_ command: [String]) {
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        for fd: Int32 in 0...2 { posix_spawn_file_actions_addopen(&actions, fd, "/dev/null", fd == 0 ? O_RDONLY : O_WRONLY, 0) }
+        let argv = command.map { strdup($0) } + [nil]
+        defer { argv.forEach { free($0) } }
+        var pid: pid_t = 0
+        guard posix_spawn(&pid, command[0], &actions, nil, argv, environ) == 0 else { return }
+        var status: Int32 = 0
+        while waitpid(pid, &status, 0) < 0, errno == EINTR {}
     }
 }

@@ -20,12 +20,15 @@ enum PostgresServer {
         if fields["TABSYNC_TEST_POSTGRES_URL"] == nil {
             let directory = "\(FileManager.default.temporaryDirectory.path)/tabsync-it-pg-\(getpid())"
             fields = [:]
-            for line in run(["\(repositoryRoot)/scripts/postgres-cluster", "start", directory]).split(separator: "\n") {
+            // The script's server would hold a pipe open: its settings are read from the file it writes.
+            runStartingServer(["\(repositoryRoot)/scripts/postgres-cluster", "start", directory])
+            let written = (try? String(contentsOfFile: "\(directory)/env", encoding: .utf8)) ?? ""
+            for line in written.split(separator: "\n") {
                 let parts = line.split(separator: "=", maxSplits: 1).map(String.init)
                 if parts.count == 2 { fields[parts[0]] = parts[1] }
             }
             startedDirectory = directory
-            atexit { if let directory = PostgresServer.startedDirectory { PostgresServer.run(["\(repositoryRoot)/scripts/postgres-cluster", "stop", directory]) } }
+            atexit { if let directory = PostgresServer.startedDirectory { runCommand(["\(repositoryRoot)/scripts/postgres-cluster", "stop", directory]) } }
         }
         guard let url = fields["TABSYNC_TEST_POSTGRES_URL"], let password = fields["TABSYNC_TEST_POSTGRES_PASSWORD"],
               let data = fields["TABSYNC_TEST_POSTGRES_DATA"], let bin = fields["TABSYNC_TEST_POSTGRES_BIN"]
@@ -41,44 +44,18 @@ enum PostgresServer {
 
     /// Restarts the server (`pg_ctl restart -m fast`): every connection is cut.
     static func restart() {
-        // With a log file: the server started by pg_ctl would otherwise keep our pipe open.
+        // With a log file, where the restarted server writes (not to our descriptors).
         let arguments = [
             "\(shared.binDirectory)/pg_ctl", "-D", shared.dataDirectory, "-l", "\(shared.dataDirectory)/server.log", "-m", "fast", "-w", "-t", "60", "restart",
         ]
-        // posix_spawn and waitpid, with /dev/null for its output: the new server inherits the
-        // descriptors pg_ctl had, so a pipe read to its end would never end.
-        let command = geteuid() == 0 ? ["/usr/bin/setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"] + arguments : arguments
-        var actions = posix_spawn_file_actions_t()
-        posix_spawn_file_actions_init(&actions)
-        defer { posix_spawn_file_actions_destroy(&actions) }
-        for fd: Int32 in 0...2 { posix_spawn_file_actions_addopen(&actions, fd, "/dev/null", fd == 0 ? O_RDONLY : O_WRONLY, 0) }
-        let argv = command.map { strdup($0) } + [nil]
-        defer { argv.forEach { free($0) } }
-        var pid: pid_t = 0
-        guard posix_spawn(&pid, command[0], &actions, nil, argv, environ) == 0 else { return }
-        var status: Int32 = 0
-        while waitpid(pid, &status, 0) < 0, errno == EINTR {}
+        runStartingServer(geteuid() == 0 ? ["/usr/bin/setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"] + arguments : arguments)
     }
 
     /// Runs SQL as the test server's superuser with psql; returns its output (unaligned, no header).
     @discardableResult
     static func sql(_ statement: String) -> String {
         let port = URLComponents(string: shared.url)?.port ?? 5432
-        return run(["env", "PGPASSWORD=\(shared.password)", "psql", "-h", "127.0.0.1", "-p", String(port), "-U", "tabsync", "-d", "postgres", "-Atc", statement])
-    }
-
-    @discardableResult
-    static func run(_ arguments: [String]) -> String {
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        process.arguments = arguments
-        let pipe = Pipe()
-        process.standardOutput = pipe
-        process.standardError = FileHandle.nullDevice
-        do { try process.run() } catch { return "" }
-        let data = pipe.fileHandleForReading.readDataToEndOfFile()
-        process.waitUntilExit()
-        return String(decoding: data, as: UTF8.self)
+        return runCommand(["env", "PGPASSWORD=\(shared.password)", "psql", "-h", "127.0.0.1", "-p", String(port), "-U", "tabsync", "-d", "postgres", "-Atc", statement]).output
     }
 }
 

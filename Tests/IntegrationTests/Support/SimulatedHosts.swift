@@ -50,7 +50,7 @@ final class SimulatedHosts: Sendable {
                 ["ip", "netns", "exec", host.namespace, "ip", "link", "set", inner, "up"],
                 ["ip", "netns", "exec", host.namespace, "ip", "link", "set", "lo", "up"],
             ] {
-                guard run(command) == 0 else { return fail("`\(command.joined(separator: " "))` failed") }
+                guard runCommand(command).status == 0 else { return fail("`\(command.joined(separator: " "))` failed") }
             }
             let script = "\(repositoryRoot)/Tests/NetworkHosts/forward.py"
             do {
@@ -82,20 +82,8 @@ final class SimulatedHosts: Sendable {
     }
 
     private static func cleanUp(_ host: Host) {
-        run(["ip", "link", "del", host.outerInterface])
-        run(["ip", "netns", "del", host.namespace])
-    }
-
-    @discardableResult
-    private static func run(_ arguments: [String]) -> Int32 {
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        process.arguments = arguments
-        process.standardOutput = FileHandle.nullDevice
-        process.standardError = FileHandle.nullDevice
-        guard (try? process.run()) != nil else { return -1 }
-        process.waitUntilExit()
-        return process.terminationStatus
+        runCommand(["ip", "link", "del", host.outerInterface])
+        runCommand(["ip", "netns", "del", host.namespace])
     }
 }
 

@@ -195,6 +195,41 @@ func temporaryDirectory(_ label: String) -> String {
     "\(FileManager.default.temporaryDirectory.path)/tabsync-it-\(label)-\(UUID().uuidString.prefix(8))"
 }
 
+/// Runs a command (looked up on PATH) to its end: its exit status (-1 when it could not start)
+/// and its standard output. For commands that start no daemon: one would hold the pipe open.
+@discardableResult
+func runCommand(_ arguments: [String]) -> (status: Int32, output: String) {
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+    process.arguments = arguments
+    let pipe = Pipe()
+    process.standardOutput = pipe
+    process.standardError = FileHandle.nullDevice
+    do { try process.run() } catch { return (-1, "") }
+    let data = pipe.fileHandleForReading.readDataToEndOfFile()
+    process.waitUntilExit()
+    return (process.terminationStatus, String(decoding: data, as: UTF8.self))
+}
+
+/// Runs a command that starts a server (pg_ctl) to its end, with /dev/null for its standard
+/// streams, and returns its exit status. posix_spawn and waitpid: the server inherits every
+/// descriptor its starter had, so a pipe would never reach its end, and Foundation's `Process`
+/// was seen not to notice the starter's exit.
+@discardableResult
+func runStartingServer(_ command: [String]) -> Int32 {
+    var actions = posix_spawn_file_actions_t()
+    posix_spawn_file_actions_init(&actions)
+    defer { posix_spawn_file_actions_destroy(&actions) }
+    for fd: Int32 in 0...2 { posix_spawn_file_actions_addopen(&actions, fd, "/dev/null", fd == 0 ? O_RDONLY : O_WRONLY, 0) }
+    let argv = command.map { strdup($0) } + [nil]
+    defer { argv.forEach { free($0) } }
+    var pid: pid_t = 0
+    guard posix_spawn(&pid, command[0], &actions, nil, argv, environ) == 0 else { return -1 }
+    var status: Int32 = 0
+    while waitpid(pid, &status, 0) < 0, errno == EINTR {}
+    return status
+}
+
 /// A small HTTP helper for the servers' control endpoints.
 func httpJSON(_ method: String, _ url: String) async throws -> [String: any Sendable] {
     var request = URLRequest(url: URL(string: url)!)
