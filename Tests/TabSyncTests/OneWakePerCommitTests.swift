@@ -22,8 +22,12 @@ extension WatcherThreadTests {
             let writer = try SharedStorage(directory: directory.path, origin: "writer", options: options)
             let reader = try FileBackend(directory: SessionDirectory(path: directory.path), name: "storage")
             let signals = Atomic<Int>(0)
+            let detections = Mutex<[ChangeDetection]>([])
             let watch = reader.watch { signal in
-                if case .mayHaveChanged = signal { signals.add(1, ordering: .relaxed) }
+                switch signal {
+                case .mayHaveChanged: signals.add(1, ordering: .relaxed)
+                case let .detectionChanged(detection): detections.withLock { $0.append(detection) }
+                }
             }
             defer { watch.cancel() }
             try #require(watch.detection == .inotify, "this test needs inotify")
@@ -73,6 +77,8 @@ extension WatcherThreadTests {
                 }
             }
             #expect(counted == commits, "\(String(describing: counted)) signals for \(commits) commits")
+            // A move to polling (whose ticks are signals too) would make the count meaningless.
+            #expect(detections.withLock { $0 }.isEmpty, "still on inotify: \(detections.withLock { $0 })")
         }
     }
 }

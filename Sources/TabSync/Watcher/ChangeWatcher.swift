@@ -91,6 +91,8 @@ final class ChangeWatcher: Sendable {
         var commands: [Command] = []
         var running = false
         var wakeDescriptor: Int32 = -1
+        /// The owner thread while it runs (for tests that signal it).
+        var thread: pthread_t?
         var watchUsers: [Int32: Int] = [:]
         /// The watch of each directory (device, inode): one per directory, however many
         /// registrations and descriptors it has.
@@ -102,6 +104,9 @@ final class ChangeWatcher: Sendable {
     /// libinotifytools before the previous one has cleaned it up.
     private let ownership = Mutex(())
     let poller = PollingWatcher()
+
+    /// The owner thread, while it runs.
+    var ownerThread: pthread_t? { state.withLock { $0.thread } }
 
     /// Overflows seen (IN_Q_OVERFLOW), for tests and diagnostics.
     let overflowCount = Atomic<Int>(0)
@@ -195,8 +200,17 @@ final class ChangeWatcher: Sendable {
     // MARK: - The owner thread
 
     private func run() {
+        Self.blockAsynchronousSignals()
+        let before = Self.inotifyDescriptors()
         guard inotifytools_init(0, 0, 0) != 0 else {
             fail(reason: "inotify could not be initialised (\(Errno(rawValue: inotifytools_error())); see /proc/sys/fs/inotify/max_user_instances)")
+            return
+        }
+        // libinotifytools waits with select(2), whose descriptor sets end at FD_SETSIZE: with
+        // its descriptor at 1024 or above, its first wait would abort the process.
+        if let high = Self.inotifyDescriptors().subtracting(before).first(where: { $0 >= Self.selectLimit }) {
+            inotifytools_cleanup()
+            fail(reason: "the process had \(Self.selectLimit) or more descriptors open when inotify started (its descriptor is \(high)); libinotifytools can wait only on descriptors below \(Self.selectLimit)")
             return
         }
         let wake = makeWakeFile()
@@ -205,19 +219,23 @@ final class ChangeWatcher: Sendable {
             fail(reason: "inotify could not watch its wake-up file (\(Errno.current))")
             return
         }
-        state.withLock { $0.wakeDescriptor = wake.descriptor }
+        state.withLock { $0.wakeDescriptor = wake.descriptor; $0.thread = pthread_self() }
 
         while true {
             guard processCommands() else { break }
             guard let event = inotifytools_next_event(-1) else {
                 let errno = Errno(rawValue: inotifytools_error())
+                // libinotifytools waits in select(2), which a signal handler interrupts whatever
+                // its SA_RESTART: any SIGCHLD of an app that starts processes, or any signal it
+                // handles. Nothing was read; the wait is simply taken up again.
+                if errno == .interrupted { continue }
                 dispatchFailure(reason: "reading inotify events failed (\(errno))")
                 break
             }
             dispatch(event, wakeWatch: wake.watch)
         }
 
-        state.withLock { $0.wakeDescriptor = -1 }
+        state.withLock { $0.wakeDescriptor = -1; $0.thread = nil }
         close(wake.descriptor)
         inotifytools_cleanup()
     }
@@ -389,6 +407,35 @@ final class ChangeWatcher: Sendable {
             poller.register(id: registration.id, interval: interval, handler: registration.handler)
             registration.handler(.fellBackToPolling(.polling(interval: interval, reason: reason)))
         }
+    }
+
+    /// FD_SETSIZE: select(2) handles descriptors below it.
+    static let selectLimit: Int32 = 1024
+
+    /// The process's inotify descriptors (links to `anon_inode:inotify` in /proc/self/fd).
+    private static func inotifyDescriptors() -> Set<Int32> {
+        var found = Set<Int32>()
+        guard let entries = opendir("/proc/self/fd") else { return found }
+        defer { closedir(entries) }
+        var target = [CChar](repeating: 0, count: 64)
+        while let entry = readdir(entries) {
+            let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+            guard let descriptor = Int32(name) else { continue }
+            let length = readlinkat(dirfd(entries), name, &target, target.count - 1)
+            if length > 0, String(decoding: target[..<length].map { UInt8(bitPattern: $0) }, as: UTF8.self) == "anon_inode:inotify" {
+                found.insert(descriptor)
+            }
+        }
+        return found
+    }
+
+    /// The owner thread takes no asynchronous signal: they go to the app's threads. A handled
+    /// signal would interrupt libinotifytools' select(2) (SA_RESTART does not restart it).
+    private static func blockAsynchronousSignals() {
+        var set = sigset_t()
+        sigfillset(&set)
+        for synchronous in [SIGILL, SIGTRAP, SIGABRT, SIGBUS, SIGFPE, SIGSEGV, SIGSYS] { sigdelset(&set, synchronous) }
+        pthread_sigmask(SIG_BLOCK, &set, nil)
     }
 
     /// A fresh name in the runtime or temporary directory, never used before.

@@ -125,6 +125,31 @@ struct InotifyTroubleTests {
         #expect(Self.inotifyInstances(of: pid) > 0, "the registration after the failure got inotify")
     }
 
+    /// A tab started with more than 1,024 descriptors open (inherited here, as from a busy
+    /// parent) neither crashes nor misses a change: libinotifytools waits with select(2), which
+    /// cannot take a descriptor of 1024 or above and aborted the process ("bit out of range 0 -
+    /// FD_SETSIZE on fd_set"). It polls, says why, and delivers every change.
+    @Test func aTabWithMoreThan1024DescriptorsOpenPollsAndDeliversEveryChange() async throws {
+        let directory = temporaryDirectory("manyfds")
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let opener = "import os, sys\nfor _ in range(1100): os.set_inheritable(os.open('/dev/null', os.O_RDONLY), True)\nos.execv(sys.argv[1], sys.argv[1:])"
+        let crowded = try ChildProcess(
+            "/usr/bin/python3", ["-c", opener, "\(productsDirectory)/tab", "--dir", directory, "--name", "crowded", "--json"], name: "crowded")
+        defer { crowded.stop() }
+        try await crowded.waitFor("ready") { $0.type == "ready" }
+        let report = try await crowded.waitFor("the polling report") { $0.type == "error" && $0.string("code") == "watcherUnavailable" }
+        let message = report.first?.string("message") ?? ""
+        #expect(message.contains("polling") && message.contains("1024"), "the report says why: \(message)")
+
+        let writer = try await launchTab(name: "writer", directory: directory)
+        defer { writer.stop() }
+        let changes = 20
+        writer.send((1...changes).map { "set k \($0)" }.joined(separator: "\n"))
+        let events = try await crowded.waitFor("every change", count: changes, timeout: .seconds(30)) { $0.type == "storage" }
+        #expect(events.compactMap(\.seq) == Array(1...changes))
+        #expect(crowded.process.isRunning)
+    }
+
     /// How many inotify instances process `pid` holds (descriptors that link to `anon_inode:inotify`).
     static func inotifyInstances(of pid: Int32) -> Int {
         let fds = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/fd")) ?? []

@@ -116,7 +116,9 @@ final class ChildProcess: Sendable {
             let matches = objects.filter(predicate)
             if matches.count >= count { return matches }
             if ContinuousClock.now >= deadline {
-                throw TestFailure("\(name): timed out after \(timeout) waiting for \(count) × \(description); got \(matches.count). Output:\n\(output.suffix(20).joined(separator: "\n"))\nstderr: \(standardError)")
+                // The errors first: the output's tail may not reach back to them.
+                let errors = output.filter { $0.contains(#""type":"error""#) }
+                throw TestFailure("\(name): timed out after \(timeout) waiting for \(count) × \(description); got \(matches.count). Errors (\(errors.count)): \(errors.suffix(5).joined(separator: "\n")). Output:\n\(output.suffix(20).joined(separator: "\n"))\nstderr: \(standardError)")
             }
             if !process.isRunning, matches.count < count, await outputRead(by: deadline), objects.filter(predicate).count < count {
                 throw TestFailure("\(name): exited (\(process.terminationStatus)) while waiting for \(description). stderr: \(standardError)")
