@@ -219,6 +219,11 @@ public final class FileBackend: StorageBackend {
         reader.generation = generation
         reader.view = view
         reader.secret = header.flags.contains(.secret)
+        // A generation never goes back in its store: one that does is a shorter or older copy
+        // put in place (truncated, restored), and a reader must not follow it back.
+        if let last = reader.lastGood, last.store == view.store, view.sequence < last.sequence {
+            return .needsRepair(.damaged("it went back from sequence \(last.sequence) to \(view.sequence) of the same store"))
+        }
         remember(&reader)
         if let damage = try damage(stop, in: generation, view: view, locked: locked) { return .needsRepair(damage) }
         return .current([])
@@ -392,12 +397,16 @@ public final class FileBackend: StorageBackend {
         var origins = reader.lastGood?.origins ?? [:]
         var sequence = reader.lastGood?.sequence ?? 0
         var source = reader.lastGood == nil ? "nothing (no valid earlier state; starting empty)" : "the last state this process read"
+        // The damaged log's readable records, when they go further than what this process read.
         if salvage, let generation = reader.generation, let view = reader.view {
             var info = stat()
             if fstat(generation.descriptor, &info) == 0 {
                 let bytes = try readAll(generation.descriptor, from: 0, count: Int(info.st_size))
-                (values, origins, sequence) = bytes.withUnsafeBytes { Self.salvage($0, view: view, maximumLength: maximumStateBytes) }
-                source = "every record that could still be read"
+                let salvaged = bytes.withUnsafeBytes { Self.salvage($0, view: view, maximumLength: maximumStateBytes) }
+                if reader.lastGood == nil || salvaged.2 > sequence {
+                    (values, origins, sequence) = salvaged
+                    source = "every record that could still be read"
+                }
             }
         }
         let secret = reader.secret
@@ -459,6 +468,13 @@ public final class FileBackend: StorageBackend {
         guard let generation = reader.generation, var view = reader.view else { return }
         var bytes: [UInt8] = []
         Self.encode(transaction.records, salt: view.header.salt, to: &bytes)
+        if !transaction.scrubbedKeys.isEmpty {
+            // No earlier value of a scrubbed key may survive: the commit is a new generation with
+            // no history (written instead of an append, so that it fails or succeeds whole).
+            _ = bytes.withUnsafeBytes { view.read($0, maximumLength: maximumStateBytes) }
+            try replace(&reader, with: view.compacted(salt: Self.salt(), flags: .secret, retained: 0))
+            return
+        }
         if !bytes.isEmpty {
             guard view.offset + bytes.count <= maximumStateBytes else {
                 throw TabSyncError(
@@ -484,16 +500,21 @@ public final class FileBackend: StorageBackend {
             reader.view = view
             remember(&reader)
         }
-        let grown = view.offset > journalLimits.maximumBytes * 2 || view.sequence - view.header.base > UInt64(journalLimits.maximumEntries) * 2
-        if !transaction.scrubbedKeys.isEmpty {
-            // No earlier value of a scrubbed key may survive: a generation with no history.
-            try replace(&reader, with: view.compacted(salt: Self.salt(), flags: .secret, retained: 0))
-        } else if grown {
+        // Past twice its bounds, the log is compacted. The commit is in already: a compaction
+        // that fails (a full disk) leaves the log as it is, longer, and the next commit tries again.
+        if view.offset > journalLimits.maximumBytes * 2 || view.sequence - view.header.base > UInt64(journalLimits.maximumEntries) * 2 {
             // The records to keep, read again from the log: memory holds only the last few.
-            let full = try fullView(of: generation, through: view.offset, retention: journalLimits.maximumEntries)
-            try replace(&reader, with: full.compacted(salt: Self.salt(), flags: reader.secret ? .secret : [], retained: journalLimits.maximumEntries))
+            do throws(TabSyncError) {
+                let full = try fullView(of: generation, through: view.offset, retention: journalLimits.maximumEntries)
+                try replace(&reader, with: full.compacted(salt: Self.salt(), flags: reader.secret ? .secret : [], retained: journalLimits.maximumEntries))
+            } catch {
+                compactionFailures.add(1, ordering: .relaxed)
+            }
         }
     }
+
+    /// Compactions that failed (the commit before each went in), for diagnostics and tests.
+    let compactionFailures = Atomic<Int>(0)
 
     /// How many records a view keeps in memory (for readers a little behind); the log keeps
     /// more (``journalLimits``), read again when a reader or a compaction needs them.

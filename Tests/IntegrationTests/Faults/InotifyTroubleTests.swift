@@ -113,9 +113,9 @@ struct InotifyTroubleTests {
 
         hog.stop()
         try await hog.waitForExit()
-        // A new storage appears (a copy of a valid state file, nobody's, 0600).
-        let copy = "\(directory)/extra.state"
-        try Data(contentsOf: URL(fileURLWithPath: "\(directory)/app.state")).write(to: URL(fileURLWithPath: copy))
+        // A new storage appears (a copy of a valid log, nobody's, 0600).
+        let copy = "\(directory)/extra.log"
+        try Data(contentsOf: URL(fileURLWithPath: "\(directory)/app.log")).write(to: URL(fileURLWithPath: copy))
         #expect(chmod(copy, 0o600) == 0 && chown(copy, 65534, 65534) == 0)
         try await watch.waitFor("the new storage") { $0.type == "storageFound" && $0.string("storage") == "extra" }
         let deadline = ContinuousClock.now + .seconds(20)
