@@ -179,6 +179,7 @@ public final class FileBackend: StorageBackend {
             let bytes = try readAll(generation.descriptor, from: view.offset, count: size - view.offset)
             let (applied, stop) = bytes.withUnsafeBytes { view.read($0, maximumLength: maximumStateBytes) }
             reader.view = view
+            if let regression = regression(reader) { return .needsRepair(regression) }
             remember(&reader)
             if let damage = try damage(stop, in: generation, view: view, locked: locked) { return .needsRepair(damage) }
             return .current(applied)
@@ -219,14 +220,17 @@ public final class FileBackend: StorageBackend {
         reader.generation = generation
         reader.view = view
         reader.secret = header.flags.contains(.secret)
-        // A generation never goes back in its store: one that does is a shorter or older copy
-        // put in place (truncated, restored), and a reader must not follow it back.
-        if let last = reader.lastGood, last.store == view.store, view.sequence < last.sequence {
-            return .needsRepair(.damaged("it went back from sequence \(last.sequence) to \(view.sequence) of the same store"))
-        }
+        if let regression = regression(reader) { return .needsRepair(regression) }
         remember(&reader)
         if let damage = try damage(stop, in: generation, view: view, locked: locked) { return .needsRepair(damage) }
         return .current([])
+    }
+
+    /// A log never goes back in its store: one that does is a shorter or older copy put in place
+    /// (truncated, restored from a backup), which a reader must not follow back.
+    private func regression(_ reader: Reader) -> Damage? {
+        guard let view = reader.view, let last = reader.lastGood, last.store == view.store, view.sequence < last.sequence else { return nil }
+        return .damaged("it went back from sequence \(last.sequence) to \(view.sequence) of the same store")
     }
 
     /// What a stop means: nothing, a tail to cut or damage (with the lock), or, without it, a
