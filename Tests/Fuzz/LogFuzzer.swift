@@ -155,7 +155,8 @@ private enum Independent {
                 guard fields.at == end else { return nil }
                 committed = (base, values, end + 4)
             } else {
-                guard flags & 2 == 0, number == sequence + UInt64(pending.count) + 1 else { break }
+                let (next, overflow) = sequence.addingReportingOverflow(UInt64(pending.count) + 1)
+                guard flags & 2 == 0, !overflow, number == next else { break }
                 guard let key = fields.string(), let value = fields.string(), case .text = fields.string(), case .text = fields.string(),
                       fields.end - fields.at == 8 else { break }
                 func text(_ field: Field) -> String? { if case let .text(string) = field { string } else { nil } }

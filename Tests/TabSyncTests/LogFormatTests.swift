@@ -127,4 +127,16 @@ import Testing
         #expect(again.records(after: 34)?.map(\.oldValue) == ["v27", "v28", "v29"])
         #expect(again.records(after: 27)?.count == 10 && again.records(after: 26) == nil)
     }
+
+    /// A planted log whose sequence numbers cannot count on (found by scripts/fuzz: it trapped
+    /// with an arithmetic overflow) stops the read instead.
+    @Test func aLogAtTheLastSequenceNumberStopsTheReadNotTheProcess() throws {
+        var bytes = LogView.fresh(salt: Self.salt, flags: [], store: "s", sequence: .max, values: [:])
+        let change = LogFormat.Change(key: "k", value: "v", origin: "o", instance: "i", time: 0)
+        LogFormat.append(LogFormat.Record(sequence: 0, flags: .commitEnd, body: .change(change)), salt: Self.salt, to: &bytes)
+        let (view, _, stop) = try Self.read(bytes)
+        #expect(view.sequence == .max)
+        guard case let .invalid(_, problem) = stop else { Issue.record("\(stop)"); return }
+        #expect(problem.contains("run out"))
+    }
 }

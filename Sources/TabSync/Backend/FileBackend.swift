@@ -419,6 +419,10 @@ public final class FileBackend: StorageBackend {
         let fate: String
         if secret {
             fate = "deleted it (it holds values whose history must not survive)"
+        } else if reader.lastGood == nil, !salvage {
+            // Unreadable, and never read before by this process: whether it holds secrets
+            // cannot be told, so it is not kept.
+            fate = "deleted it (whether it held secrets could not be told)"
         } else {
             if linkat(directory.descriptor, logName, directory.descriptor, asideName, 0) != 0 {
                 throw TabSyncError.system("linkat", .current, path: directory.path(of: asideName))
@@ -614,7 +618,14 @@ public final class FileBackend: StorageBackend {
         guard Int(info.st_size) <= maximumStateBytes else { return nil }
         let bytes = try readAll(fd, from: 0, count: Int(info.st_size))
         if bytes == Self.legacyMarker { return nil }
-        guard let document = try? StateFileCodec.decode(bytes, path: directory.path(of: legacyName)) else { return nil }
+        guard let document = try? StateFileCodec.decode(bytes, path: directory.path(of: legacyName)) else {
+            // Not a state file this version can read: kept aside, not overwritten by the marker.
+            let aside = "\(legacyName).corrupt-\(Int64(Date().timeIntervalSince1970 * 1000))"
+            if linkat(directory.descriptor, legacyName, directory.descriptor, aside, 0) != 0 {
+                throw TabSyncError.system("linkat", .current, path: directory.path(of: aside))
+            }
+            return nil
+        }
         var origins: [String: String] = [:]
         for entry in document.journal { if let key = entry.key { origins[key] = entry.newValue == nil ? nil : entry.origin } }
         _ = unlinkat(directory.descriptor, legacyName + ".prev", 0)

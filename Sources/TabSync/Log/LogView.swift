@@ -55,7 +55,9 @@ struct LogView: Sendable {
             case let .invalid(problem):
                 return (applied, .invalid(at: offset + committed, problem))
             case let .record(record, end):
-                let expected = sequence + UInt64(pending.count) + 1
+                // A planted log can start at any number: one that cannot count on is not read on.
+                let (expected, overflow) = sequence.addingReportingOverflow(UInt64(pending.count) + 1)
+                if overflow { return (applied, .invalid(at: offset + committed, "the sequence numbers run out")) }
                 if let problem = problem(with: record, expected: expected, pending: pending.count) {
                     return (applied, .invalid(at: offset + committed, problem))
                 }
