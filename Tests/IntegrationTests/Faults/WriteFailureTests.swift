@@ -11,15 +11,8 @@ import Glibc
 struct WriteFailureTests {
     @Test(.enabled(if: canMountTmpfs, "mounting a tmpfs needs root and a container that allows mount(2)"))
     func aFullFileSystemFailsTheCommitKeepsTheStateAndRecoversWhenSpaceIsBack() async throws {
-        let mountPoint = temporaryDirectory("tmpfs")
-        try #require(mkdir(mountPoint, 0o700) == 0)
-        defer { rmdir(mountPoint) }
-        try #require(shell("mount -t tmpfs -o size=512k,mode=0700 tmpfs '\(mountPoint)'") == 0, "mount a 512 KiB tmpfs on \(mountPoint)")
-        defer { shell("umount -l '\(mountPoint)'") }
-        // Never fill anything but the small file system just mounted.
-        var fileSystem = statvfs()
-        try #require(statvfs(mountPoint, &fileSystem) == 0)
-        try #require(Int(fileSystem.f_blocks) * Int(fileSystem.f_frsize) <= 1 << 20, "\(mountPoint) is the small tmpfs")
+        let mountPoint = try Self.mountSmallTmpfs("tmpfs")
+        defer { Self.unmount(mountPoint) }
         let directory = "\(mountPoint)/session"
         let writer = try await launchTab(name: "writer", directory: directory)
         let reader = try await launchTab(name: "reader", directory: directory)
@@ -31,13 +24,7 @@ struct WriteFailureTests {
 
         // Fill every remaining page of the file system.
         let filler = "\(mountPoint)/filler"
-        let fd = open(filler, O_WRONLY | O_CREAT | O_TRUNC, 0o600)
-        #expect(fd >= 0)
-        let chunk = [UInt8](repeating: 0x55, count: 4096)
-        var filled = 0
-        while filled < 1 << 20, case let written = write(fd, chunk, chunk.count), written > 0 { filled += written }
-        #expect(errno == ENOSPC, "the tmpfs is full after \(filled) bytes")
-        close(fd)
+        Self.fill(filler)
 
         // The commit fails with a clear error naming the file it could not write.
         let failed = try await writer.command("set k \(String(repeating: "x", count: 8192))")
@@ -69,14 +56,8 @@ struct WriteFailureTests {
     /// the log is compacted again.
     @Test(.enabled(if: canMountTmpfs, "mounting a tmpfs needs root and a container that allows mount(2)"))
     func aFullFileSystemDuringCompactionsLosesNoAcknowledgedChange() async throws {
-        let mountPoint = temporaryDirectory("tmpfs-compaction")
-        try #require(mkdir(mountPoint, 0o700) == 0)
-        defer { rmdir(mountPoint) }
-        try #require(shell("mount -t tmpfs -o size=512k,mode=0700 tmpfs '\(mountPoint)'") == 0, "mount a 512 KiB tmpfs on \(mountPoint)")
-        defer { shell("umount -l '\(mountPoint)'") }
-        var fileSystem = statvfs()
-        try #require(statvfs(mountPoint, &fileSystem) == 0)
-        try #require(Int(fileSystem.f_blocks) * Int(fileSystem.f_frsize) <= 1 << 20, "\(mountPoint) is the small tmpfs")
+        let mountPoint = try Self.mountSmallTmpfs("tmpfs-compaction")
+        defer { Self.unmount(mountPoint) }
         let directory = "\(mountPoint)/session"
         let writer = try await launchTab(name: "writer", directory: directory, extra: ["--history", "4"])
         let reader = try await launchTab(name: "reader", directory: directory, extra: ["--history", "4"])
@@ -87,13 +68,7 @@ struct WriteFailureTests {
         for index in 0..<6 { #expect(try await writer.command("set k\(index) \(value)").type == "ok") }
 
         let filler = "\(mountPoint)/filler"
-        let fd = open(filler, O_WRONLY | O_CREAT | O_TRUNC, 0o600)
-        #expect(fd >= 0)
-        let chunk = [UInt8](repeating: 0x55, count: 4096)
-        var filled = 0
-        while filled < 1 << 20, case let written = write(fd, chunk, chunk.count), written > 0 { filled += written }
-        #expect(errno == ENOSPC, "the tmpfs is full after \(filled) bytes")
-        close(fd)
+        Self.fill(filler)
 
         var acknowledged: [String: String] = [:]
         for index in 0..<40 {
@@ -114,5 +89,37 @@ struct WriteFailureTests {
         #expect(!FileManager.default.fileExists(atPath: "\(directory)/app.log.tmp"))
         // Compacted again: no more than the snapshot and twice the history of 4 changes.
         #expect(log.sequence - (try logBase("\(directory)/app.log")) <= 8)
+    }
+
+    /// A 512 KiB tmpfs on a new directory; checked to be that small, so that nothing else is ever filled.
+    static func mountSmallTmpfs(_ name: String) throws -> String {
+        let mountPoint = temporaryDirectory(name)
+        try #require(mkdir(mountPoint, 0o700) == 0)
+        guard shell("mount -t tmpfs -o size=512k,mode=0700 tmpfs '\(mountPoint)'") == 0 else {
+            rmdir(mountPoint)
+            throw TestFailure("could not mount a 512 KiB tmpfs on \(mountPoint)")
+        }
+        var fileSystem = statvfs()
+        guard statvfs(mountPoint, &fileSystem) == 0, Int(fileSystem.f_blocks) * Int(fileSystem.f_frsize) <= 1 << 20 else {
+            unmount(mountPoint)
+            throw TestFailure("\(mountPoint) is not the small tmpfs")
+        }
+        return mountPoint
+    }
+
+    static func unmount(_ mountPoint: String) {
+        shell("umount -l '\(mountPoint)'")
+        rmdir(mountPoint)
+    }
+
+    /// Fills every remaining page of the file system with `filler`.
+    static func fill(_ filler: String) {
+        let fd = open(filler, O_WRONLY | O_CREAT | O_TRUNC, 0o600)
+        #expect(fd >= 0)
+        let chunk = [UInt8](repeating: 0x55, count: 4096)
+        var filled = 0
+        while filled < 1 << 20, case let written = write(fd, chunk, chunk.count), written > 0 { filled += written }
+        #expect(errno == ENOSPC, "the tmpfs is full after \(filled) bytes")
+        close(fd)
     }
 }
