@@ -52,6 +52,9 @@ struct Tab: AsyncParsableCommand {
     @Option(help: "The longest a change waits for the commit lock, in seconds (a stopped or hung process holding it).")
     var lockTimeout: Double = 10
 
+    @Option(help: "How many changes each storage's log keeps for tabs that fall behind (it is compacted past twice as many).")
+    var history: Int = JournalLimits().maximumEntries
+
     @Option(help: "The timeout of one request to the authorization server, in seconds.")
     var httpTimeout: Double = 15
 
@@ -156,6 +159,7 @@ struct Tab: AsyncParsableCommand {
         let httpTimeout = Self.duration(httpTimeout, "--http-timeout", maximum: 3600)
         let lockTimeout = Self.duration(lockTimeout, "--lock-timeout", maximum: 3600)
         let clientSecret = Self.clientSecret(flag: clientSecret, file: clientSecretFile)
+        guard (1...1_000_000).contains(history) else { Self.fail("--history must be 1 to 1000000 changes") }
         guard !name.isEmpty, !name.contains(where: \.isNewline) else { Self.fail("--name must be a non-empty single line") }
         var client: OAuthClient?
         if let tokenEndpoint {
@@ -186,6 +190,7 @@ struct Tab: AsyncParsableCommand {
         do {
             var storageOptions = SharedStorage.Options()
             storageOptions.lockTimeout = lockTimeout
+            storageOptions.journalLimits = JournalLimits(maximumEntries: history)
             var options = AuthSession.Options()
             options.storage = storageOptions
             options.leeway = leeway

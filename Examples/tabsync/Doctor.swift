@@ -85,9 +85,10 @@ struct Doctor: AsyncParsableCommand {
             case let .failure(error):
                 refused.append(Finding(path: path, reason: "its entries cannot be listed (\(error))"))
             case let .success(entries):
-                let storages = Set(storageNames(in: entries))
+                let logs = Set(storageNames(in: entries))
+                let storages = logs.union(legacyStateNames(in: entries))
                 for name in entries {
-                    let report = FileReport(directory: path, name: name, euid: euid, storages: storages)
+                    let report = FileReport(directory: path, name: name, euid: euid, storages: storages, logs: logs)
                     guard report.role != .other else {
                         otherFiles += 1
                         continue
@@ -166,14 +167,16 @@ struct Doctor: AsyncParsableCommand {
 /// One entry of the directory and what TabSync makes of it.
 struct FileReport {
     enum Role: String {
-        /// `NAME.state`
-        case state
-        /// `NAME.state.prev`: the previous generation, for recovery.
-        case previous
-        /// `NAME.state.tmp`: the next generation while it is written.
+        /// `NAME.log`: the storage's change log.
+        case log
+        /// `NAME.log.tmp`: the log's next generation while it is written.
         case temporary
-        /// `NAME.state.corrupt-TIME`: moved aside by recovery.
+        /// `NAME.log.corrupt-TIME`: a damaged log moved aside by recovery.
         case corrupt
+        /// `NAME.state`: the marker that keeps TabSync 1 out, or a format 1 state file.
+        case state
+        /// `NAME.state.prev`, `NAME.state.tmp`, `NAME.state.corrupt-TIME`: left by TabSync 1.
+        case legacy
         /// `NAME.lock`, `NAME.LOCKNAME.lock`.
         case lock
         /// Not a TabSync file: ignored.
@@ -183,13 +186,14 @@ struct FileReport {
     var name: String
     var role: Role
     var info: Result<FileInfo, SystemError>
-    var probe: StateFileProbe?
+    var log: LogProbe?
+    var state: LegacyStateProbe?
     var refusals: [String] = []
     var warnings: [String] = []
 
-    /// `storages`: the storages of the directory (its `NAME.state` files), whose lock files
-    /// TabSync opens.
-    init(directory: String, name: String, euid: UInt32, storages: Set<String>) {
+    /// `storages`: the storages of the directory (a `NAME.log` or a `NAME.state`), whose lock
+    /// files TabSync opens; `logs`: those with a `NAME.log`.
+    init(directory: String, name: String, euid: UInt32, storages: Set<String>, logs: Set<String>) {
         self.name = name
         role = Self.role(of: name)
         info = FileInfo.lstat(join(directory, name))
@@ -199,16 +203,41 @@ struct FileReport {
         }
         let problems = file.fileRefusals(euid: euid)
         switch role {
+        case .log:
+            refusals += problems
+            guard problems.isEmpty else { break }
+            let probe = LogProbe.read(join(directory, name))
+            log = probe
+            switch probe.verdict {
+            case .valid, .tornTail:
+                break
+            case .damaged:
+                let fate = probe.secret ? "deletes it (it holds secrets)" : "moves it aside as \(name).corrupt-TIME"
+                warnings.append("\(probe.summary): the next TabSync process that reads it \(fate) and recovers every record that still checks, in a new store")
+            case .corrupt:
+                warnings.append("\(probe.summary): the next TabSync process that reads it starts a new store in its place, and moves it aside as \(name).corrupt-TIME (or deletes it, when it knew it as a log that holds secrets)")
+            case .unsupportedVersion, .tooLarge, .refused, .unreadable:
+                refusals.append(probe.summary)
+            }
         case .state:
             refusals += problems
             guard problems.isEmpty else { break }
-            let probe = StateFileProbe.read(join(directory, name))
-            self.probe = probe
+            let probe = LegacyStateProbe.read(join(directory, name))
+            state = probe
+            let storage = String(name.dropLast(".state".count))
+            let hasLog = logs.contains(storage)
             switch probe.verdict {
-            case .valid: break
-            case let .corrupt(why):
-                warnings.append("corrupt (\(why)): the next TabSync process that reads it moves it aside as \(name).corrupt-TIME and recovers the newest state it can prove")
-            case .unsupportedVersion, .tooLarge, .refused, .unreadable:
+            case .marker:
+                break
+            case .format1 where hasLog:
+                warnings.append("a format 1 state file beside \(storage).log: TabSync reads only the log, and a TabSync 1 process would use this file (the marker keeps it out)")
+            case .format1:
+                warnings.append("format 1: upgraded to \(storage).log by the next TabSync process that opens it")
+            case .notUpgradable where hasLog:
+                warnings.append("\(probe.summary): TabSync reads only \(storage).log, and only the marker keeps TabSync 1 out of this storage")
+            case .notUpgradable:
+                warnings.append("\(probe.summary): the next TabSync process that opens the storage starts \(storage).log empty and puts the marker in its place")
+            case .refused, .unreadable:
                 refusals.append(probe.summary)
             }
         case .lock:
@@ -220,22 +249,20 @@ struct FileReport {
             } else {
                 warnings += problems.map { "\($0) (no storage of this directory uses it; a process that takes this lock would be refused)" }
             }
-        case .previous:
-            if problems.isEmpty {
-                let probe = StateFileProbe.read(join(directory, name))
-                self.probe = probe
-                if probe.verdict != .valid { warnings.append("\(probe.summary): recovery cannot use it") }
-            } else {
-                warnings += problems.map { "\($0): recovery does not use it" }
-            }
         case .temporary:
             if file.kind == .directory {
-                refusals.append("a directory stands in place of the next generation: commits cannot write it")
+                refusals.append("a directory stands in place of the log's next generation: TabSync cannot create, compact or recover the log")
             } else {
-                warnings.append("a commit is being written, or a writer died during one: the next commit removes it")
+                warnings.append("the log's next generation is being written (its creation, a compaction or a recovery), or a writer died writing it: the next one written removes it")
             }
         case .corrupt:
-            warnings.append("a corrupt state file that recovery moved aside; TabSync never deletes these")
+            warnings.append("a damaged log that recovery moved aside; TabSync never deletes these")
+        case .legacy:
+            if let range = name.range(of: ".state.", options: .backwards), name.hasSuffix(".prev") || name.hasSuffix(".tmp") {
+                warnings.append("left by TabSync 1 (format 1) and read by no later TabSync: the upgrade of \(name[..<range.lowerBound]).state deletes it")
+            } else {
+                warnings.append("a corrupt format 1 state file that TabSync 1 moved aside; TabSync never deletes these")
+            }
         case .other:
             break
         }
@@ -243,13 +270,24 @@ struct FileReport {
 
     static func role(of name: String) -> Role {
         func storage(_ suffix: String) -> Bool { name.hasSuffix(suffix) && isValidName(String(name.dropLast(suffix.count))) }
+        func aside(_ infix: String) -> Bool {
+            guard let range = name.range(of: infix) else { return false }
+            return isValidName(String(name[..<range.lowerBound]))
+        }
+        if storage(".log") { return .log }
+        if storage(".log.tmp") { return .temporary }
+        if aside(".log.corrupt-") { return .corrupt }
         if storage(".state") { return .state }
-        if storage(".state.prev") { return .previous }
-        if storage(".state.tmp") { return .temporary }
-        if let range = name.range(of: ".state.corrupt-"), isValidName(String(name[..<range.lowerBound])) { return .corrupt }
+        if storage(".state.prev") || storage(".state.tmp") || aside(".state.corrupt-") { return .legacy }
         if storage(".lock") { return .lock }
         return .other
     }
+
+    /// What the file's probe read: its format version and sequence number, and its verdict.
+    private var formatVersion: Int? { log?.version.map(Int.init) ?? state?.version }
+    private var sequence: UInt64? { log?.sequence ?? state?.sequence }
+    private var check: String? { log?.code ?? state?.code }
+    private var summary: String? { log?.summary ?? state?.summary }
 
     var json: JSON {
         let file = try? info.get()
@@ -257,19 +295,21 @@ struct FileReport {
             ("name", .string(name)), ("role", .string(role.rawValue)), ("type", .from(file?.kind.rawValue)),
             ("mode", .from(file?.octalMode)), ("uid", file.map { .int(Int64($0.uid)) } ?? .null),
             ("owner", .from(file.map { User.name($0.uid) })), ("gid", file.map { .int(Int64($0.gid)) } ?? .null),
-            ("size", file.map { .int($0.size) } ?? .null), ("formatVersion", .from(probe?.version)),
-            ("seq", probe?.sequence.map { .int(Int64($0)) } ?? .null), ("check", .from(probe?.code)),
+            ("size", file.map { .int($0.size) } ?? .null), ("formatVersion", .from(formatVersion)),
+            ("seq", sequence.map { .int(Int64($0)) } ?? .null), ("keys", .from(log?.keys)), ("store", .from(log?.store)),
+            ("check", .from(check)),
         ])
     }
 
     var human: String {
         guard case let .success(file) = info else { return "\(role.rawValue), cannot be examined" }
         var text = "\(role.rawValue), \(file.kind.phrase), mode \(file.octalMode), \(Display.name(User.name(file.uid))):\(Display.name(User.groupName(file.gid))), \(Display.plural(Int(file.size), "byte"))"
-        if let probe {
-            if let version = probe.version, probe.verdict != .unsupportedVersion(version) { text += ", format version \(version)" }
-            if let sequence = probe.sequence { text += ", seq \(sequence)" }
-            text += ", \(Display.escaped(probe.summary))"
-        }
+        // (A state file's summary names its version, as does a log's of another version.)
+        if let version = log?.version, version == 2 { text += ", format version \(version)" }
+        if let sequence { text += ", seq \(sequence)" }
+        if let keys = log?.keys { text += ", \(Display.plural(keys, "key"))" }
+        if let store = log?.store { text += ", store \(Display.name(store))" }
+        if let summary { text += ", \(Display.escaped(summary))" }
         return text
     }
 }

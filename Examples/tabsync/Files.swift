@@ -185,11 +185,20 @@ func isValidName(_ name: String) -> Bool {
         }
 }
 
-/// The storages of a directory: every `NAME.state` with a valid NAME.
+/// The storages of a directory: every `NAME.log` with a valid NAME.
 func storageNames(in entries: [String]) -> [String] {
+    names(in: entries, suffix: ".log")
+}
+
+/// Every `NAME.state` with a valid NAME: format 2's markers, and format 1 state files.
+func legacyStateNames(in entries: [String]) -> [String] {
+    names(in: entries, suffix: ".state")
+}
+
+private func names(in entries: [String], suffix: String) -> [String] {
     entries.compactMap { entry in
-        guard entry.hasSuffix(".state") else { return nil }
-        let name = String(entry.dropLast(".state".count))
+        guard entry.hasSuffix(suffix) else { return nil }
+        let name = String(entry.dropLast(suffix.count))
         return isValidName(name) ? name : nil
     }
 }
@@ -283,21 +292,384 @@ struct FileSystemType: Sendable {
     }
 }
 
-// MARK: - State files, read without changing them
+// MARK: - Files of a storage, read without changing them
 
-/// What a state file's header, length and checksum say (docs/FORMAT.md, section 2), read with
-/// `O_NOFOLLOW | O_NONBLOCK` and never written. TabSync's first read of a corrupt file recovers it
-/// (moves it aside and writes a new one); the tool looks first, so that inspecting a directory
-/// changes nothing in it. The JSON body is not decoded here.
-struct StateFileProbe: Sendable {
+/// A file of a storage, read the way TabSync opens it (`O_NOFOLLOW | O_NONBLOCK`: a link planted
+/// in its place is not followed, a FIFO does not hang the read) and never written.
+enum StorageFile {
+    /// TabSync's default limit (`maximumStateBytes`) on a log, and on each of its records.
+    static let maximumBytes = 16 << 20
+
+    /// Why a file was not read.
+    enum Failure: Error, Sendable, Equatable {
+        /// More than ``maximumBytes``.
+        case tooLarge(Int64)
+        /// Not a file TabSync opens (link, FIFO, owner, mode).
+        case refused(String)
+        /// This tool could not read it (permissions, vanished).
+        case unreadable(String)
+    }
+
+    /// The file's bytes (as far as it reached when it was opened), or why not.
+    static func read(_ path: String) -> Result<[UInt8], Failure> {
+        let fd = open(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK)
+        guard fd >= 0 else {
+            let error = errno
+            if error == ELOOP { return .failure(.refused("it is a symbolic link")) }
+            return .failure(.unreadable(SystemError(call: "open", errno: error).description))
+        }
+        defer { close(fd) }
+        var info = stat()
+        guard fstat(fd, &info) == 0 else { return .failure(.unreadable(SystemError(call: "fstat", errno: errno).description)) }
+        if let reason = FileInfo(info).fileRefusals().first { return .failure(.refused(reason)) }
+        guard Int(info.st_size) <= maximumBytes else { return .failure(.tooLarge(Int64(info.st_size))) }
+        var bytes = [UInt8](repeating: 0, count: Int(info.st_size))
+        var done = 0
+        while done < bytes.count {
+            let got = bytes.withUnsafeMutableBytes { pread(fd, $0.baseAddress! + done, $0.count - done, off_t(done)) }
+            if got < 0, errno == EINTR { continue }
+            guard got >= 0 else { return .failure(.unreadable(SystemError(call: "read", errno: errno).description)) }
+            if got == 0 { break }
+            done += got
+        }
+        bytes.removeLast(bytes.count - done)
+        return .success(bytes)
+    }
+}
+
+/// What a storage's log (`NAME.log`, format 2) holds, checked the way a TabSync reader walks it:
+/// the header's magic, version and checksum, then each record's length (refused above the limit
+/// before anything is read or allocated for it), checksum and sequence number. TabSync's read of
+/// a log with an invalid tail, damage or an unreadable header repairs it, which is a write; the
+/// tool looks first, so that inspecting a directory changes nothing in it. Written here again
+/// rather than taken from TabSync, so that the tool does not trust the code it checks. Values are
+/// checked as UTF-8 and skipped, never kept.
+///
+/// All integers are little-endian:
+///
+///     header:  "TABSYNC-LOG\n" | u32 version (2) | u32 flags | 16-byte salt | u64 base | u32 CRC-32 of bytes 0..<44
+///     record:  u32 length | u32 flags | u64 sequence | payload (length bytes) | u32 CRC-32 of the salt, then of the record's bytes before it
+///
+/// The first record is the snapshot (flag 2) with sequence number `base`, each later one a change
+/// with the next number. A commit is one or more records, its last one flagged 1: a reader applies
+/// a commit only once it has read that record.
+struct LogProbe: Sendable {
     enum Verdict: Sendable, Equatable {
+        /// Ends with a complete commit.
         case valid
-        /// TabSync would recover it at its next read or commit.
+        /// `bytes` after the last complete commit are not the next valid record, and no valid
+        /// record follows them: harmless, TabSync cuts them before its next commit.
+        case tornTail(bytes: Int, Tail)
+        /// A record that does not check or is out of sequence, with a valid record after it: the
+        /// next TabSync process that reads the log recovers every record that still checks, in a
+        /// new store.
+        case damaged(String)
+        /// No valid header or first snapshot (not a TabSync log, truncated, damaged at its start):
+        /// the next TabSync process that reads it starts a new store in its place.
         case corrupt(String)
-        /// Written by a newer TabSync: refused, never recovered.
-        case unsupportedVersion(Int)
+        /// A log of another format version (a newer TabSync): refused, never recovered.
+        case unsupportedVersion(UInt32)
         /// More than the default limit: refused.
         case tooLarge(Int64)
+        /// Not a file TabSync opens (link, FIFO, owner, mode): refused.
+        case refused(String)
+        /// Could not be read by this tool (permissions, vanished).
+        case unreadable(String)
+    }
+
+    /// What a torn tail is, which decides whether a TabSync reader leaves it alone.
+    enum Tail: Sendable, Equatable {
+        /// The bytes end inside a record, or inside a commit whose last record is not there: a
+        /// commit being written, or one a killed writer left. Readers leave it to the next commit.
+        case incomplete
+        /// A record that does not check or is out of sequence (the problem): a reader that meets it
+        /// has it cut at once.
+        case invalid(String)
+    }
+
+    var verdict: Verdict
+    /// The header's format version, when the file starts with the magic.
+    var version: UInt32?
+    /// The sequence number of the last complete commit (before a torn tail or the damage).
+    var sequence: UInt64?
+    /// The number of keys as of that commit.
+    var keys: Int?
+    /// The store identifier, from the snapshot.
+    var store: String?
+    /// The header's flag 1: the log holds values whose history is scrubbed (tokens), and recovery
+    /// deletes it when it is damaged instead of moving it aside.
+    var secret = false
+
+    static let magic = Array("TABSYNC-LOG\n".utf8)
+    static let headerSize = 48
+    /// A record's length, flags and sequence number.
+    static let frameSize = 16
+    /// A record's checksum, after its payload.
+    static let trailerSize = 4
+    /// How far past an invalid record TabSync looks for a valid one, which makes the log damaged
+    /// rather than torn.
+    static let damageWindow = 4 << 20
+
+    static func read(_ path: String) -> LogProbe {
+        switch StorageFile.read(path) {
+        case let .success(bytes): bytes.withUnsafeBytes { check($0) }
+        case let .failure(.tooLarge(size)): LogProbe(verdict: .tooLarge(size))
+        case let .failure(.refused(why)): LogProbe(verdict: .refused(why))
+        case let .failure(.unreadable(why)): LogProbe(verdict: .unreadable(why))
+        }
+    }
+
+    /// The checks of a reader, in its order: the header, then the records up to the first that is
+    /// incomplete, does not check or is out of sequence.
+    static func check(_ bytes: UnsafeRawBufferPointer) -> LogProbe {
+        guard bytes.count >= headerSize else {
+            return LogProbe(verdict: .corrupt(bytes.isEmpty ? "the file is empty" : "it is shorter than a log's header (\(bytes.count) bytes)"))
+        }
+        guard bytes.prefix(magic.count).elementsEqual(magic) else {
+            return LogProbe(verdict: .corrupt("it does not start with \"TABSYNC-LOG\" (not a TabSync log)"))
+        }
+        let version = integer(UInt32.self, bytes, at: 12)
+        guard version == 2 else { return LogProbe(verdict: .unsupportedVersion(version), version: version) }
+        guard CRC32.checksum(UnsafeRawBufferPointer(rebasing: bytes[0..<44])) == integer(UInt32.self, bytes, at: 44) else {
+            return LogProbe(verdict: .corrupt("its header's checksum does not match"), version: version)
+        }
+        let secret = integer(UInt32.self, bytes, at: 16) & 1 != 0
+        let seed = CRC32.checksum(UnsafeRawBufferPointer(rebasing: bytes[20..<36]))
+        let base = integer(UInt64.self, bytes, at: 36)
+
+        // The state as of the last complete commit (nil before the snapshot's), and where it ends.
+        var committed: (sequence: UInt64, keys: Set<String>, store: String)?
+        var end = headerSize
+        var pending: [Record] = []
+        var offset = headerSize
+        var stop: Tail?
+        walk: while offset < bytes.count {
+            let record: Record
+            switch Record.read(bytes, at: offset, seed: seed) {
+            case .incomplete:
+                stop = .incomplete
+                break walk
+            case let .invalid(problem):
+                stop = .invalid("at byte \(offset), \(problem)")
+                break walk
+            case let .record(found):
+                record = found
+            }
+            if let problem = sequenceProblem(record, base: base, last: committed?.sequence, pending: pending.count) {
+                stop = .invalid("at byte \(offset), \(problem)")
+                break walk
+            }
+            pending.append(record)
+            offset = record.end
+            guard record.endsCommit else { continue }
+            for record in pending {
+                switch record.body {
+                case let .snapshot(store, keys):
+                    committed = (record.sequence, keys, store)
+                case let .change(key, removed):
+                    committed?.sequence = record.sequence
+                    if let key {
+                        if removed { committed?.keys.remove(key) } else { committed?.keys.insert(key) }
+                    } else {
+                        committed?.keys.removeAll()
+                    }
+                }
+            }
+            pending.removeAll()
+            end = offset
+        }
+        if stop == nil, !pending.isEmpty { stop = .incomplete }
+        guard let committed else {
+            return LogProbe(verdict: .corrupt("its first record is not a valid snapshot"), version: version, secret: secret)
+        }
+        var probe = LogProbe(verdict: .valid, version: version, sequence: committed.sequence, keys: committed.keys.count, store: committed.store, secret: secret)
+        switch stop {
+        case nil:
+            break
+        case .incomplete:
+            probe.verdict = .tornTail(bytes: bytes.count - end, .incomplete)
+        case let .invalid(problem):
+            if let later = nextRecord(in: bytes, after: end, seed: seed) {
+                probe.verdict = .damaged("\(problem), and a valid record follows at byte \(later)")
+            } else {
+                probe.verdict = .tornTail(bytes: bytes.count - end, .invalid(problem))
+            }
+        }
+        return probe
+    }
+
+    /// Why `record` cannot come next, if it cannot: the snapshot first (with the header's
+    /// sequence number, ending its commit), then changes numbered on from `last`, the last
+    /// complete commit's, counting the `pending` records of the commit in progress.
+    private static func sequenceProblem(_ record: Record, base: UInt64, last: UInt64?, pending: Int) -> String? {
+        if case .snapshot = record.body {
+            if last != nil || pending > 0 { return "a second snapshot" }
+            if record.sequence != base { return "the snapshot has sequence \(record.sequence), the header \(base)" }
+            if !record.endsCommit { return "the snapshot does not end its commit" }
+            return nil
+        }
+        guard let last else { return "the first record is not a snapshot" }
+        let (expected, overflow) = last.addingReportingOverflow(UInt64(pending) + 1)
+        if overflow { return "a record follows the largest sequence number" }
+        return record.sequence == expected ? nil : "a record has sequence \(record.sequence) where \(expected) comes next"
+    }
+
+    /// The offset of the first valid record after `offset`, looked for as TabSync looks for one:
+    /// at every byte of the next ``damageWindow`` bytes.
+    static func nextRecord(in bytes: UnsafeRawBufferPointer, after offset: Int, seed: UInt32) -> Int? {
+        var candidate = offset + 1
+        let limit = min(bytes.count, offset + damageWindow)
+        while candidate + frameSize + trailerSize <= limit {
+            if case .record = Record.read(bytes, at: candidate, seed: seed) { return candidate }
+            candidate += 1
+        }
+        return nil
+    }
+
+    /// A record that checks: its frame, and what the probe keeps of its payload (no value).
+    private struct Record {
+        var flags: UInt32
+        var sequence: UInt64
+        /// The offset after it.
+        var end: Int
+        var body: Body
+
+        enum Body {
+            /// The snapshot's store and keys.
+            case snapshot(store: String, keys: Set<String>)
+            /// `key` set, or `removed`; a nil key clears every key.
+            case change(key: String?, removed: Bool)
+        }
+
+        var endsCommit: Bool { flags & 1 != 0 }
+
+        enum Read {
+            case record(Record)
+            /// The bytes end inside the record (or before one begins).
+            case incomplete
+            /// Not a record of this log (the problem).
+            case invalid(String)
+        }
+
+        /// The record at `offset`, checked with the CRC-32 of the log's salt (`seed`).
+        static func read(_ bytes: UnsafeRawBufferPointer, at offset: Int, seed: UInt32) -> Read {
+            guard bytes.count - offset >= frameSize else { return .incomplete }
+            let length = Int(integer(UInt32.self, bytes, at: offset))
+            guard length <= StorageFile.maximumBytes else {
+                return .invalid("a record claims \(length) bytes, over the limit of \(StorageFile.maximumBytes)")
+            }
+            let end = offset + frameSize + length + trailerSize
+            guard end <= bytes.count else { return .incomplete }
+            let covered = UnsafeRawBufferPointer(rebasing: bytes[offset..<end - trailerSize])
+            guard CRC32.checksum(covered, continuing: seed) == integer(UInt32.self, bytes, at: end - trailerSize) else {
+                return .invalid("a record's checksum does not match")
+            }
+            let flags = integer(UInt32.self, bytes, at: offset + 4)
+            var fields = Fields(bytes: bytes, offset: offset + frameSize, end: end - trailerSize)
+            let body = flags & 2 != 0 ? fields.snapshot() : fields.change()
+            guard let body, fields.offset == fields.end else { return .invalid("a record's fields do not fit its length") }
+            return .record(Record(flags: flags, sequence: integer(UInt64.self, bytes, at: offset + 8), end: end, body: body))
+        }
+    }
+
+    /// A payload's fields. A string is a u32 length and that many bytes of UTF-8, or the length
+    /// 0xFFFFFFFF alone for none. Each read is nil for anything out of bounds or not UTF-8.
+    private struct Fields {
+        let bytes: UnsafeRawBufferPointer
+        var offset: Int
+        let end: Int
+
+        mutating func integer<T: FixedWidthInteger>(_: T.Type) -> T? {
+            guard end - offset >= MemoryLayout<T>.size else { return nil }
+            defer { offset += MemoryLayout<T>.size }
+            return LogProbe.integer(T.self, bytes, at: offset)
+        }
+
+        /// `.some(nil)` for none.
+        mutating func string() -> String?? {
+            guard let length = integer(UInt32.self) else { return nil }
+            if length == UInt32.max { return .some(nil) }
+            guard Int(length) <= end - offset else { return nil }
+            defer { offset += Int(length) }
+            return String(validating: bytes[offset..<offset + Int(length)], as: UTF8.self).map { .some($0) }
+        }
+
+        mutating func present() -> String? {
+            guard case let .some(.some(text)) = string() else { return nil }
+            return text
+        }
+
+        /// key?, value?, origin, instance, i64 time (milliseconds since 1970).
+        mutating func change() -> Record.Body? {
+            guard let key = string(), let value = string(), present() != nil, present() != nil, integer(UInt64.self) != nil else { return nil }
+            return .change(key: key, removed: value == nil)
+        }
+
+        /// store, recovery?, u32 count, then count × (key, value, origin?), each key once.
+        mutating func snapshot() -> Record.Body? {
+            guard let store = present(), string() != nil, let count = integer(UInt32.self) else { return nil }
+            // Each entry takes at least 12 bytes: a count beyond that is refused before it is used.
+            guard Int(count) <= (end - offset) / 12 else { return nil }
+            var keys = Set<String>(minimumCapacity: Int(count))
+            for _ in 0..<count {
+                guard let key = present(), present() != nil, string() != nil, keys.insert(key).inserted else { return nil }
+            }
+            return .snapshot(store: store, keys: keys)
+        }
+    }
+
+    private static func integer<T: FixedWidthInteger>(_: T.Type, _ bytes: UnsafeRawBufferPointer, at offset: Int) -> T {
+        T(littleEndian: bytes.loadUnaligned(fromByteOffset: offset, as: T.self))
+    }
+
+    /// For people.
+    var summary: String {
+        switch verdict {
+        case .valid:
+            "valid"
+        case let .tornTail(bytes, .incomplete):
+            "torn tail: the last \(Display.plural(bytes, "byte")) end inside a record or a commit (one being written, or left by a killed writer); harmless: the next commit cuts them"
+        case let .tornTail(bytes, .invalid(problem)):
+            "torn tail: the last \(Display.plural(bytes, "byte")) are not a valid record (\(problem)); harmless: TabSync cuts them at its next read or commit"
+        case let .damaged(problem): "damaged: \(problem)"
+        case let .corrupt(problem): "not a readable log: \(problem)"
+        case let .unsupportedVersion(version): "format version \(version), which this TabSync does not read (version 2)"
+        case let .tooLarge(size): "\(size) bytes, more than the default limit of \(StorageFile.maximumBytes)"
+        case let .refused(why): "refused: \(why)"
+        case let .unreadable(why): "unreadable: \(why)"
+        }
+    }
+
+    /// For JSON: `valid`, `tornTail`, `damaged`, `corrupt`, `unsupportedVersion`, `tooLarge`,
+    /// `refused`, `unreadable`.
+    var code: String {
+        switch verdict {
+        case .valid: "valid"
+        case .tornTail: "tornTail"
+        case .damaged: "damaged"
+        case .corrupt: "corrupt"
+        case .unsupportedVersion: "unsupportedVersion"
+        case .tooLarge: "tooLarge"
+        case .refused: "refused"
+        case .unreadable: "unreadable"
+        }
+    }
+}
+
+/// What `NAME.state` is. Format 1 kept a storage in it (a header line
+/// `tabsync-state 1 <seq> <length> <crc>\n` and a JSON body); format 2 upgrades it to `NAME.log`
+/// and leaves a 29-byte marker in its place, `tabsync-state 2 0 0 00000000\n`, which TabSync 1
+/// refuses instead of starting a store of its own beside the log. Read like a log, never
+/// written; a format 1 body's JSON is not decoded here.
+struct LegacyStateProbe: Sendable {
+    enum Verdict: Sendable, Equatable {
+        /// Format 2's marker.
+        case marker
+        /// A format 1 state file whose header, length and checksum check: TabSync upgrades it to
+        /// `NAME.log` (same store, values and sequence number) when it opens a storage with no log.
+        case format1
+        /// Neither (why): TabSync does not upgrade it, and TabSync 1 is not kept out by it.
+        case notUpgradable(String)
         /// Not a file TabSync opens (link, FIFO, owner, mode): refused.
         case refused(String)
         /// Could not be read by this tool (permissions, vanished).
@@ -307,89 +679,79 @@ struct StateFileProbe: Sendable {
     var verdict: Verdict
     /// The format version from the header line, when it has one.
     var version: Int?
-    /// The sequence number from the header line of a valid file.
+    /// The sequence number from the header line of a format 1 file.
     var sequence: UInt64?
 
-    static let maximumBytes = 16 << 20
+    static let marker = Array("tabsync-state 2 0 0 00000000\n".utf8)
     static let maximumHeaderBytes = 96
 
-    static func read(_ path: String) -> StateFileProbe {
-        let fd = open(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK)
-        guard fd >= 0 else {
-            let error = errno
-            if error == ELOOP { return StateFileProbe(verdict: .refused("it is a symbolic link")) }
-            return StateFileProbe(verdict: .unreadable(SystemError(call: "open", errno: error).description))
+    static func read(_ path: String) -> LegacyStateProbe {
+        switch StorageFile.read(path) {
+        case let .success(bytes): check(bytes)
+        case let .failure(.tooLarge(size)): LegacyStateProbe(verdict: .notUpgradable("\(size) bytes, more than the limit of \(StorageFile.maximumBytes)"))
+        case let .failure(.refused(why)): LegacyStateProbe(verdict: .refused(why))
+        case let .failure(.unreadable(why)): LegacyStateProbe(verdict: .unreadable(why))
         }
-        defer { close(fd) }
-        var info = stat()
-        guard fstat(fd, &info) == 0 else { return StateFileProbe(verdict: .unreadable(SystemError(call: "fstat", errno: errno).description)) }
-        if let reason = FileInfo(info).fileRefusals().first { return StateFileProbe(verdict: .refused(reason)) }
-        guard Int(info.st_size) <= maximumBytes else { return StateFileProbe(verdict: .tooLarge(Int64(info.st_size))) }
-        var bytes = [UInt8](repeating: 0, count: Int(info.st_size))
-        var done = 0
-        while done < bytes.count {
-            let got = bytes.withUnsafeMutableBytes { pread(fd, $0.baseAddress! + done, $0.count - done, off_t(done)) }
-            if got < 0, errno == EINTR { continue }
-            guard got >= 0 else { return StateFileProbe(verdict: .unreadable(SystemError(call: "read", errno: errno).description)) }
-            if got == 0 { break }
-            done += got
-        }
-        bytes.removeLast(bytes.count - done)
-        return check(bytes)
     }
 
-    /// Checks 2 to 7 of docs/FORMAT.md, section 2.
-    static func check(_ bytes: [UInt8]) -> StateFileProbe {
+    /// The marker, or checks 2 to 7 of format 1 (docs/FORMAT.md of TabSync 1, section 2).
+    static func check(_ bytes: [UInt8]) -> LegacyStateProbe {
+        if bytes == marker { return LegacyStateProbe(verdict: .marker, version: 2) }
         guard let newline = bytes.prefix(maximumHeaderBytes).firstIndex(of: UInt8(ascii: "\n")) else {
-            return StateFileProbe(verdict: .corrupt(bytes.isEmpty ? "the file is empty" : "no header line (not a TabSync state file)"))
+            return LegacyStateProbe(verdict: .notUpgradable(bytes.isEmpty ? "the file is empty" : "no header line (not a TabSync state file)"))
         }
         let fields = String(decoding: bytes[..<newline], as: UTF8.self).split(separator: " ", omittingEmptySubsequences: false)
         guard fields.count >= 2, fields[0] == "tabsync-state" else {
-            return StateFileProbe(verdict: .corrupt("no header line (not a TabSync state file)"))
+            return LegacyStateProbe(verdict: .notUpgradable("no header line (not a TabSync state file)"))
         }
         guard isDecimal(fields[1]), let version = Int(fields[1]) else {
-            return StateFileProbe(verdict: .corrupt("the header's version is not a number"))
+            return LegacyStateProbe(verdict: .notUpgradable("the header's version is not a number"))
         }
-        guard version == 1 else { return StateFileProbe(verdict: .unsupportedVersion(version), version: version) }
-        guard fields.count == 5, isDecimal(fields[2]), isDecimal(fields[3]), fields[4].utf8.count == 8,
+        guard version == 1 else { return LegacyStateProbe(verdict: .notUpgradable("format version \(version)"), version: version) }
+        guard fields.count == 5, isDecimal(fields[2]), isDecimal(fields[3]), isHex(fields[4]),
               let sequence = UInt64(fields[2]), let length = Int(fields[3]), let checksum = UInt32(fields[4], radix: 16)
         else {
-            return StateFileProbe(verdict: .corrupt("the header line is malformed"), version: version)
+            return LegacyStateProbe(verdict: .notUpgradable("a format 1 header line that is malformed"), version: version)
         }
         let body = bytes[(newline + 1)...]
         guard body.count == length else {
-            let why = body.count < length ? "the file is truncated (\(body.count) of \(length) body bytes)" : "\(body.count - length) bytes follow the body"
-            return StateFileProbe(verdict: .corrupt(why), version: version)
+            let why = body.count < length ? "a truncated format 1 file (\(body.count) of \(length) body bytes)" : "a format 1 file with \(body.count - length) bytes after its body"
+            return LegacyStateProbe(verdict: .notUpgradable(why), version: version)
         }
-        guard CRC32.checksum(body) == checksum else {
-            return StateFileProbe(verdict: .corrupt("the checksum does not match the contents"), version: version)
+        guard body.withUnsafeBytes({ CRC32.checksum($0) }) == checksum else {
+            return LegacyStateProbe(verdict: .notUpgradable("a format 1 file whose checksum does not match its contents"), version: version)
         }
-        return StateFileProbe(verdict: .valid, version: version, sequence: sequence)
+        return LegacyStateProbe(verdict: .format1, version: version, sequence: sequence)
     }
 
     private static func isDecimal(_ field: Substring) -> Bool {
         !field.isEmpty && field.utf8.allSatisfy { (UInt8(ascii: "0")...UInt8(ascii: "9")).contains($0) }
     }
 
+    private static func isHex(_ field: Substring) -> Bool {
+        field.utf8.count == 8 && field.utf8.allSatisfy { byte in
+            (UInt8(ascii: "0")...UInt8(ascii: "9")).contains(byte) || (UInt8(ascii: "a")...UInt8(ascii: "f")).contains(byte)
+                || (UInt8(ascii: "A")...UInt8(ascii: "F")).contains(byte)
+        }
+    }
+
     /// For people.
     var summary: String {
         switch verdict {
-        case .valid: "valid"
-        case let .corrupt(why): "corrupt: \(why)"
-        case let .unsupportedVersion(version): "format version \(version), which this TabSync does not read (version 1)"
-        case let .tooLarge(size): "\(size) bytes, more than the default limit of \(Self.maximumBytes)"
+        case .marker: "the format 2 marker (TabSync 1 refuses this storage)"
+        case .format1: "a format 1 state file"
+        case let .notUpgradable(why): "neither the format 2 marker nor a format 1 state file that TabSync can upgrade (\(why))"
         case let .refused(why): "refused: \(why)"
         case let .unreadable(why): "unreadable: \(why)"
         }
     }
 
-    /// For JSON: `valid`, `corrupt`, `unsupportedVersion`, `tooLarge`, `refused`, `unreadable`.
+    /// For JSON: `marker`, `format1`, `notUpgradable`, `refused`, `unreadable`.
     var code: String {
         switch verdict {
-        case .valid: "valid"
-        case .corrupt: "corrupt"
-        case .unsupportedVersion: "unsupportedVersion"
-        case .tooLarge: "tooLarge"
+        case .marker: "marker"
+        case .format1: "format1"
+        case .notUpgradable: "notUpgradable"
         case .refused: "refused"
         case .unreadable: "unreadable"
         }
@@ -404,8 +766,10 @@ enum CRC32 {
         return value
     }
 
-    static func checksum(_ bytes: some Sequence<UInt8>) -> UInt32 {
-        var crc: UInt32 = 0xFFFF_FFFF
+    /// The CRC of `bytes`; with `continuing`, of the bytes whose CRC it is followed by `bytes`
+    /// (zlib's `crc32(previous, bytes)`).
+    static func checksum(_ bytes: UnsafeRawBufferPointer, continuing previous: UInt32 = 0) -> UInt32 {
+        var crc = previous ^ 0xFFFF_FFFF
         for byte in bytes { crc = table[Int((crc ^ UInt32(byte)) & 0xFF)] ^ (crc >> 8) }
         return crc ^ 0xFFFF_FFFF
     }

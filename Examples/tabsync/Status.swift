@@ -37,6 +37,17 @@ struct Status: AsyncParsableCommand {
                 if name == "session" { session = SessionSummary(problem: problem) }
             }
         }
+        // A storage still in a format 1 state file: opening it would upgrade it (a write).
+        let logs = Set(storageNames(in: entries))
+        for name in legacyStateNames(in: entries) where !logs.contains(name) {
+            guard LegacyStateProbe.read(join(path, name + ".state")).verdict == .format1 else { continue }
+            let problem = StorageProblem(
+                code: "format1",
+                message: "A format 1 state file (\(name).state), not opened: the next TabSync process that opens it upgrades it to \(name).log")
+            storages.append(StorageStatus(name: name, problem: problem))
+            if name == "session" { session = SessionSummary(problem: problem) }
+        }
+        storages.sort { $0.name < $1.name }
         let output = LineOutput(json: options.json)
         if options.json {
             output.write(JSON.object([
@@ -47,13 +58,13 @@ struct Status: AsyncParsableCommand {
             return
         }
         output.write("directory \(Display.name(path))")
-        if storages.isEmpty { output.write("  no storage (no NAME.state file)") }
+        if storages.isEmpty { output.write("  no storage (no NAME.log file)") }
         let width = storages.map { Display.name($0.name).count }.max() ?? 0
         for storage in storages {
             let name = Display.name(storage.name)
             output.write("  \(name)\(String(repeating: " ", count: width - name.count))  \(storage.human)")
         }
-        output.write(session?.human ?? "session: none (no session.state)")
+        output.write(session?.human ?? "session: none (no session.log)")
     }
 }
 

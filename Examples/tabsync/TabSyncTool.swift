@@ -43,7 +43,8 @@ struct DirectoryOptions: ParsableArguments {
 
 /// Why a storage was not opened.
 struct StorageProblem: Error, Sendable, Equatable {
-    /// A TabSyncError code (`insecurePath`, `corruptState`, ...), or `unreadable`.
+    /// A TabSyncError code (`insecurePath`, `corruptState`, ...), `unreadable`, or `format1` (a
+    /// storage still in a format 1 state file, which opening would upgrade).
     var code: String
     var message: String
 }
@@ -67,26 +68,37 @@ enum Storages {
         }
     }
 
-    /// Opens the storage `name` once its state file looked valid. TabSync's first read of a
-    /// corrupt state file recovers it (a write); a look first keeps the tool from changing
-    /// anything, and a refused file is reported the same way TabSync would refuse it.
+    /// Opens the storage `name` once its log looked readable without a repair. TabSync's read of
+    /// a log with an invalid tail, damage or an unreadable header repairs it (a write); a look
+    /// first keeps the tool from changing anything, and a refused log is reported the same way
+    /// TabSync would refuse it. A tail that ends inside a commit is left alone by readers (it may
+    /// be a commit being written), so such a log is opened.
     static func open(_ name: String, in directory: SessionDirectory) -> Result<SharedStorage, StorageProblem> {
-        let probe = StateFileProbe.read(join(directory.path, name + ".state"))
+        let probe = LogProbe.read(join(directory.path, name + ".log"))
+        let untouched = "not opened, so that it stays as it is"
         switch probe.verdict {
-        case .valid:
+        case .valid, .tornTail(_, .incomplete):
             break
+        case let .tornTail(bytes, .invalid(why)):
+            return .failure(StorageProblem(
+                code: "corruptState",
+                message: "The log ends with \(Display.plural(bytes, "byte")) that are not a valid record (\(why)); \(untouched): the next TabSync process that reads it cuts them (harmless)"))
+        case let .damaged(why):
+            return .failure(StorageProblem(
+                code: "corruptState",
+                message: "The log is damaged (\(why)); \(untouched): the next TabSync process that reads it recovers every record that still checks, in a new store"))
         case let .corrupt(why):
             return .failure(StorageProblem(
                 code: "corruptState",
-                message: "The state file is corrupt (\(why)); not opened, so that it stays as it is: the next TabSync process that reads it moves it aside and recovers"))
+                message: "The file is not a readable log (\(why)); \(untouched): the next TabSync process that reads it starts a new store in its place"))
         case let .unsupportedVersion(version):
-            return .failure(StorageProblem(code: "unsupportedVersion", message: "The state file has format version \(version); this TabSync reads version 1"))
+            return .failure(StorageProblem(code: "unsupportedVersion", message: "The log has format version \(version); this TabSync reads version 2"))
         case let .tooLarge(size):
-            return .failure(StorageProblem(code: "stateTooLarge", message: "The state file has \(size) bytes, more than the default limit of \(StateFileProbe.maximumBytes)"))
+            return .failure(StorageProblem(code: "stateTooLarge", message: "The log has \(size) bytes, more than the default limit of \(StorageFile.maximumBytes)"))
         case let .refused(why):
-            return .failure(StorageProblem(code: "insecurePath", message: "TabSync refuses the state file: \(why)"))
+            return .failure(StorageProblem(code: "insecurePath", message: "TabSync refuses the log: \(why)"))
         case let .unreadable(why):
-            return .failure(StorageProblem(code: "unreadable", message: "The state file cannot be read: \(why)"))
+            return .failure(StorageProblem(code: "unreadable", message: "The log cannot be read: \(why)"))
         }
         do {
             let backend = try FileBackend(directory: directory, name: name)

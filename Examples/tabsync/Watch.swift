@@ -29,8 +29,8 @@ struct Watch: AsyncParsableCommand {
             }
             printer.ready(directory: path, storages: followers.followed.sorted())
             for await name in arrivals {
-                if let name, !name.hasSuffix(".state") { continue }
-                for followed in followers.scan(only: name.map { String($0.dropLast(".state".count)) }, replaying: true) {
+                if let name, !name.hasSuffix(".log") { continue }
+                for followed in followers.scan(only: name.map { String($0.dropLast(".log".count)) }, replaying: true) {
                     group.addTask { await printer.follow(followed) }
                 }
             }
@@ -72,7 +72,7 @@ struct Followers {
         }
         var started: [Followed] = []
         for name in names {
-            guard FileInfo.lstat(join(directory.path, name + ".state")).isSuccess else { continue }
+            guard FileInfo.lstat(join(directory.path, name + ".log")).isSuccess else { continue }
             switch Storages.open(name, in: directory) {
             case let .success(storage):
                 followed.insert(name)
@@ -190,11 +190,15 @@ final class EventPrinter: Sendable {
 /// The names of files that appear or change in a directory (nil: look at everything), from an
 /// inotify instance of the tool's own. It does not use libinotifytools, which TabSync's watcher
 /// owns in this process (README, rule 1). Without inotify, the directory is looked at every second.
+///
+/// A log appears by rename (`IN_MOVED_TO`), and changes in place: appended to, or cut back to its
+/// last complete commit (`IN_MODIFY`), which is when a log that could not be opened may have been
+/// repaired; a mode or owner put right shows as `IN_ATTRIB`.
 enum DirectoryWatch {
     static func names(in path: String) -> AsyncStream<String?> {
         AsyncStream { continuation in
             let fd = inotify_init1(Int32(IN_CLOEXEC))
-            let mask = UInt32(IN_CREATE) | UInt32(IN_MOVED_TO) | UInt32(IN_ATTRIB) | UInt32(IN_ONLYDIR)
+            let mask = UInt32(IN_CREATE) | UInt32(IN_MOVED_TO) | UInt32(IN_MODIFY) | UInt32(IN_ATTRIB) | UInt32(IN_ONLYDIR)
             guard fd >= 0, inotify_add_watch(fd, path, mask) >= 0 else {
                 if fd >= 0 { close(fd) }
                 let task = Task {

@@ -201,8 +201,9 @@ public final class AuthSession: Sendable {
         }
     }
 
-    /// Runs `body` on the record in `transaction` and writes it back when it changed; a record
-    /// that signs out scrubs the tokens.
+    /// Runs `body` on the record in `transaction` and writes it back when it changed; a change
+    /// that replaces or removes a token (a refresh, a rotation, a sign-out) scrubs the record's
+    /// history, so that the token it replaced survives in no file.
     private static func apply<Result>(
         _ body: (inout SessionRecord) throws(AuthError) -> Result, in transaction: inout SharedStorage.Transaction
     ) throws(AuthError) -> Result {
@@ -211,7 +212,8 @@ public final class AuthSession: Sendable {
         let result = try body(&record)
         guard record != before else { return result }
         transaction.set(SessionRecord.key, record.encoded())
-        if record.state == .signedOut, before.refreshToken != nil || before.accessToken != nil {
+        let replaced = { (old: String?, new: String?) in old != nil && old != new }
+        if replaced(before.refreshToken, record.refreshToken) || replaced(before.accessToken, record.accessToken) {
             transaction.scrubHistory(of: SessionRecord.key)
         }
         return result

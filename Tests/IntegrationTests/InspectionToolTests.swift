@@ -22,8 +22,8 @@ struct InspectionToolTests {
             #expect(reply["type"] as? String == "ok", "\(command): \(reply)")
         }
         // The tokens are in the directory, so their absence from the output means something.
-        let record = try String(contentsOfFile: "\(directory)/session.state", encoding: .utf8)
-        #expect(record.contains(Self.accessToken) && record.contains(Self.refreshToken))
+        let log = try Data(contentsOf: URL(fileURLWithPath: "\(directory)/session.log"))
+        #expect(log.range(of: Data(Self.accessToken.utf8)) != nil && log.range(of: Data(Self.refreshToken.utf8)) != nil)
 
         let json = try await runTabsync(["status", directory, "--json"])
         #expect(json.status == 0, "\(json.errors)")
@@ -93,6 +93,33 @@ struct InspectionToolTests {
         #expect(colours.compactMap { $0["newValue"] as? String } == ["blue", "green"])
         let output = watch.output.joined(separator: "\n") + watch.standardError
         #expect(!output.contains(Self.accessToken) && !output.contains(Self.refreshToken), "watch printed a token")
+    }
+
+    /// A log `watch` could not open (its tail needs a cut, which the tool leaves to TabSync) is
+    /// followed once a TabSync process cuts the tail and commits: both change the log in place,
+    /// with no rename to announce it.
+    @Test func watchFollowsALogOnceItIsRepairedInPlace() async throws {
+        let directory = temporaryDirectory("inspect-repair")
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let first = try await launchTab(name: "first", directory: directory)
+        _ = try await first.ask("set a 1", expecting: ["ok"])
+        first.stop()
+        try await first.waitForExit()
+        let torn = try [UInt8](Data(contentsOf: URL(fileURLWithPath: "\(directory)/app.log"))) + [UInt8](repeating: 0xFF, count: 40)
+        try writeFile("\(directory)/app.log", torn)
+
+        let watch = try ChildProcess("\(productsDirectory)/tabsync", ["watch", directory, "--json"], name: "watch")
+        defer { watch.stop() }
+        let ready = try await watch.waitFor("ready") { $0["type"] as? String == "ready" }
+        #expect(ready.first?["storages"] as? [String] == ["session"])
+        try await watch.waitFor("app not opened") { $0["type"] as? String == "error" && $0["storage"] as? String == "app" && $0["code"] as? String == "corruptState" }
+
+        let second = try await launchTab(name: "second", directory: directory)
+        defer { second.stop() }
+        _ = try await second.ask("set b 2", expecting: ["ok"])
+        try await watch.waitFor("app found") { $0["type"] as? String == "storageFound" && $0["storage"] as? String == "app" }
+        let change = try await watch.waitFor("the set") { $0["type"] as? String == "storage" && $0["storage"] as? String == "app" && $0["key"] as? String == "b" }[0]
+        #expect(change["newValue"] as? String == "2" && change["origin"] as? String == "second" && (change["seq"] as? NSNumber)?.intValue == 2)
     }
 
     @Test func watchShowsATerminalEscapeSequenceEscapedInHumanOutput() async throws {
@@ -220,24 +247,127 @@ struct InspectionToolTests {
         #expect((inotify["maxUserInstances"] as? NSNumber)?.intValue ?? 0 > 0)
         #expect((inotify["descriptorsInUse"] as? NSNumber)?.intValue ?? 0 >= 1, "the running tab has an inotify instance")
         let files = report["files"] as? [[String: Any]] ?? []
-        let state = files.first { $0["name"] as? String == "app.state" } ?? [:]
-        #expect((state["formatVersion"] as? NSNumber)?.intValue == 1)
-        #expect(state["check"] as? String == "valid" && state["mode"] as? String == "0600")
+        let log = files.first { $0["name"] as? String == "app.log" } ?? [:]
+        #expect(log["role"] as? String == "log" && (log["formatVersion"] as? NSNumber)?.intValue == 2)
+        #expect(log["check"] as? String == "valid" && log["mode"] as? String == "0600")
+        #expect((log["seq"] as? NSNumber)?.intValue == 1 && (log["keys"] as? NSNumber)?.intValue == 1)
+        #expect(!(log["store"] as? String ?? "").isEmpty)
+        let marker = files.first { $0["name"] as? String == "app.state" } ?? [:]
+        #expect(marker["role"] as? String == "state" && marker["check"] as? String == "marker")
 
         let human = try await runTabsync(["doctor", good])
         #expect(human.status == 0)
         #expect(human.output.contains("mode 0700") && human.output.contains("file system: \(fileSystem["type"] as? String ?? "?")"))
 
         #expect(chmod(bad, 0o770) == 0)
-        #expect(chmod("\(bad)/app.state", 0o640) == 0)
+        #expect(chmod("\(bad)/app.log", 0o640) == 0)
         let refused = try await runTabsync(["doctor", bad, "--json"])
         #expect(refused.status == 1)
         let problems = try refused.document()["refused"] as? [[String: Any]] ?? []
         #expect(problems.contains { $0["path"] as? String == bad && ($0["reason"] as? String)?.contains("0770") == true }, "\(problems)")
-        #expect(problems.contains { $0["path"] as? String == "\(bad)/app.state" && ($0["reason"] as? String)?.contains("0640") == true }, "\(problems)")
+        #expect(problems.contains { $0["path"] as? String == "\(bad)/app.log" && ($0["reason"] as? String)?.contains("0640") == true }, "\(problems)")
         let refusedHuman = try await runTabsync(["doctor", bad])
         #expect(refusedHuman.status == 1)
         #expect(refusedHuman.output.contains("mode 0770") && refusedHuman.output.contains("TabSync would refuse 2 things here"))
+    }
+
+    /// A log with a torn tail, a damaged one, one of a newer version, and a format 1 state file
+    /// not upgraded yet: `doctor` and `status` say what TabSync will do with each, and neither
+    /// changes a byte of the directory (TabSync's own read would repair or upgrade).
+    @Test func doctorAndStatusReportTornDamagedNewerAndFormat1StoragesAndChangeNothing() async throws {
+        let directory = temporaryDirectory("inspect-damage")
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let tab = try await launchTab(name: "writer", directory: directory)
+        for command in ["set a 1", "set b 2", "set c 3"] {
+            _ = try await tab.ask(command, expecting: ["ok"])
+        }
+        tab.stop()
+        try await tab.waitForExit()
+        let path = "\(directory)/app.log"
+        let good = try [UInt8](Data(contentsOf: URL(fileURLWithPath: path)))
+        let records = recordOffsets(inLog: good)
+        #expect(records.count == 4, "the snapshot and the three sets: \(records)")
+        guard records.count == 4 else { return }
+
+        /// `doctor --json` and `status --json` on the directory with `bytes` as `name`: the entry
+        /// of that file and of the storage `app`, and the doctor's warnings and refusals about it.
+        func inspect(_ name: String, _ bytes: [UInt8]) async throws -> (file: [String: Any], storage: [String: Any], findings: [String]) {
+            try writeFile("\(directory)/\(name)", bytes)
+            let listing = try FileManager.default.contentsOfDirectory(atPath: directory).sorted()
+            let doctor = try await runTabsync(["doctor", directory, "--json"])
+            let status = try await runTabsync(["status", directory, "--json"])
+            #expect(try [UInt8](Data(contentsOf: URL(fileURLWithPath: "\(directory)/\(name)"))) == bytes, "\(name) changed")
+            #expect(try FileManager.default.contentsOfDirectory(atPath: directory).sorted() == listing, "files came or went")
+            let report = try doctor.document()
+            let file = (report["files"] as? [[String: Any]])?.first { $0["name"] as? String == name } ?? [:]
+            let findings = ((report["warnings"] as? [[String: Any]] ?? []) + (report["refused"] as? [[String: Any]] ?? []))
+                .filter { $0["path"] as? String == "\(directory)/\(name)" }.compactMap { $0["reason"] as? String }
+            let storage = (try status.document()["storages"] as? [[String: Any]])?.first { $0["name"] as? String == "app" } ?? [:]
+            return (file, storage, findings)
+        }
+        func number(_ value: Any?) -> Int? { (value as? NSNumber)?.intValue }
+        func code(_ storage: [String: Any]) -> String? { (storage["error"] as? [String: Any])?["code"] as? String }
+
+        // A commit cut short (the last record's first 20 bytes again): readers leave it alone, so `status` opens the log.
+        let short = try await inspect("app.log", good + good[records[3]..<records[3] + 20])
+        #expect(short.file["check"] as? String == "tornTail" && number(short.file["seq"]) == 3 && number(short.file["keys"]) == 3)
+        #expect(short.findings.isEmpty, "harmless: \(short.findings)")
+        #expect(number(short.storage["seq"]) == 3 && short.storage["error"] is NSNull, "\(short.storage)")
+
+        // Bytes that are no record, and nothing valid after them: a reader would cut them, so `status` does not open the log.
+        let torn = try await inspect("app.log", good + [UInt8](repeating: 0xFF, count: 40))
+        #expect(torn.file["check"] as? String == "tornTail" && number(torn.file["seq"]) == 3)
+        #expect(torn.findings.isEmpty, "harmless: \(torn.findings)")
+        #expect(code(torn.storage) == "corruptState", "\(torn.storage)")
+
+        // The second set's record damaged, the third one intact: the state as of the first set, and recovery ahead.
+        var damaged = good
+        damaged[records[2] + 20] ^= 0x01
+        let broken = try await inspect("app.log", damaged)
+        #expect(broken.file["check"] as? String == "damaged" && number(broken.file["seq"]) == 1 && number(broken.file["keys"]) == 1)
+        #expect(broken.findings.contains { $0.contains("moves it aside as app.log.corrupt-TIME") }, "\(broken.findings)")
+        #expect(code(broken.storage) == "corruptState", "\(broken.storage)")
+
+        // The third set's record renumbered 5, its checksum made again (over the header's salt and
+        // the record): it checks, but 3 comes next, and nothing valid follows it.
+        var renumbered = good
+        renumbered[records[3] + 8] = 5
+        let crc = crc32(Array(good[20..<36]) + Array(renumbered[records[3]..<good.count - 4]))
+        renumbered.replaceSubrange(good.count - 4..<good.count, with: (0..<4).map { UInt8(truncatingIfNeeded: crc >> (8 * $0)) })
+        let skipped = try await inspect("app.log", renumbered)
+        #expect(skipped.file["check"] as? String == "tornTail" && number(skipped.file["seq"]) == 2 && number(skipped.file["keys"]) == 2)
+        #expect(code(skipped.storage) == "corruptState", "\(skipped.storage)")
+        let why = (skipped.storage["error"] as? [String: Any])?["message"] as? String ?? ""
+        #expect(why.contains("a record has sequence 5 where 3 comes next"), "\(why)")
+
+        // A newer format version: refused.
+        var newer = good
+        newer[12] = 3
+        let future = try await inspect("app.log", newer)
+        #expect(future.file["check"] as? String == "unsupportedVersion" && number(future.file["formatVersion"]) == 3)
+        #expect(future.findings.contains { $0.contains("format version 3") }, "\(future.findings)")
+        #expect(code(future.storage) == "unsupportedVersion", "\(future.storage)")
+
+        // A format 1 directory: `app.state` a state file of its own, and no log yet.
+        #expect(unlink(path) == 0)
+        let body = Array(#"{"journal":[],"seq":7,"store":"0b5d2f8e","values":{"theme":"dark"}}"#.utf8)
+        let hex = String(crc32(body), radix: 16)
+        let old = try await inspect("app.state", Array("tabsync-state 1 7 \(body.count) \(String(repeating: "0", count: 8 - hex.count))\(hex)\n".utf8) + body)
+        #expect(old.file["check"] as? String == "format1" && number(old.file["formatVersion"]) == 1 && number(old.file["seq"]) == 7)
+        #expect(old.findings == ["format 1: upgraded to app.log by the next TabSync process that opens it"], "\(old.findings)")
+        #expect(code(old.storage) == "format1", "\(old.storage)")
+        #expect(!FileManager.default.fileExists(atPath: path), "not upgraded by the tool")
+
+        // The upgrade, by a TabSync process: the log goes on from the state file, which becomes the marker.
+        let upgrader = try await launchTab(name: "upgrader", directory: directory)
+        _ = try await upgrader.ask("set d 4", expecting: ["ok"])
+        upgrader.stop()
+        try await upgrader.waitForExit()
+        let upgraded = try await runTabsync(["doctor", directory, "--json"])
+        let files = try upgraded.document()["files"] as? [[String: Any]] ?? []
+        let log = files.first { $0["name"] as? String == "app.log" } ?? [:]
+        #expect(log["check"] as? String == "valid" && number(log["seq"]) == 8 && number(log["keys"]) == 2 && log["store"] as? String == "0b5d2f8e")
+        #expect(files.first { $0["name"] as? String == "app.state" }?["check"] as? String == "marker")
     }
 }
 
@@ -299,6 +429,19 @@ private func waitForLocks(
         if ContinuousClock.now >= deadline { throw TestFailure("timed out after \(timeout) waiting for \(description); last: \(run.output)") }
         try await Task.sleep(for: .milliseconds(50))
     }
+}
+
+/// The offsets of a log's records, read here without TabSync: after the 48-byte header, each is
+/// a u32 length (little-endian), 12 more bytes of frame, the payload and a 4-byte checksum.
+private func recordOffsets(inLog bytes: [UInt8]) -> [Int] {
+    var offsets: [Int] = []
+    var offset = 48
+    while offset + 16 <= bytes.count {
+        offsets.append(offset)
+        let length = (0..<4).reduce(0) { $0 | Int(bytes[offset + $1]) << (8 * $1) }
+        offset += 16 + length + 4
+    }
+    return offsets
 }
 
 private func lock(in document: [String: Any], _ file: String) -> [String: Any]? {

@@ -90,8 +90,9 @@ struct StorageAcrossProcessesTests {
         let error = try await limited.waitFor("error") { $0["type"] as? String == "error" }
         #expect(error.first?["code"] as? String == "storageFull")
         #expect((error.first?["message"] as? String)?.contains(directory) == true)
-        // The failed change left nothing behind: the state file is valid and without it.
-        #expect(try checkStateFile("\(directory)/app.state").values == ["small": "1"])
+        // The failed change left nothing behind: the log is valid and without it, with no tail.
+        let log = try checkLog("\(directory)/app.log")
+        #expect(log.values == ["small": "1"] && log.tail == 0)
         #expect(try await limited.command("get big").string("value") == nil)
         // The committed state is intact, and both can still write small changes.
         limited.send("set after 2")

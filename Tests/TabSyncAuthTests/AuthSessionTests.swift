@@ -99,10 +99,39 @@ struct AuthSessionTests {
         #expect(try b.status().reason == .refreshFailed)
         await #expect { try await b.accessToken() } throws: { ($0 as? AuthError)?.code == .signedOut && ($0 as? AuthError)?.reason == .refreshFailed }
         #expect(server.refreshCount == 1)
-        for file in try FileManager.default.contentsOfDirectory(atPath: directory.path) where file.hasPrefix("session.state") {
-            let contents = try String(contentsOfFile: "\(directory.path)/\(file)", encoding: .utf8)
-            #expect(!contents.contains("refresh-1"), "\(file) still holds the refresh token")
-            #expect(!contents.contains("access-1"), "\(file) still holds the access token")
+        for file in try FileManager.default.contentsOfDirectory(atPath: directory.path) {
+            let contents = try Data(contentsOf: URL(fileURLWithPath: "\(directory.path)/\(file)"))
+            #expect(contents.range(of: Data("refresh-1".utf8)) == nil, "\(file) still holds the refresh token")
+            #expect(contents.range(of: Data("access-1".utf8)) == nil, "\(file) still holds the access token")
+        }
+    }
+
+    /// Issue 11 (secrets): with rotation, a replaced token survives in no file of the session
+    /// directory while the session goes on, whichever process refreshed, and after sign-out
+    /// neither the last tokens do. Format 1 kept the last five rotated refresh tokens in its
+    /// journal; an append-only log would keep them all if a refresh only appended.
+    @Test func aReplacedTokenSurvivesInNoFileWhileSignedInNorAfterSignOut() async throws {
+        let directory = TemporaryDirectory()
+        let server = FakeTokenServer(expiresIn: 0)  // every request refreshes
+        let a = try session(directory, "a", server)
+        let b = try session(directory, "b", server)
+        try signInExpired(a, server)
+        for round in 0..<6 {
+            _ = try await (round % 2 == 0 ? a : b).accessToken()
+            let issued = server.state.withLock { $0.issued }
+            let replaced = (1..<issued).flatMap { ["access-\($0)", "refresh-\($0)"] }
+            for file in try FileManager.default.contentsOfDirectory(atPath: directory.path) {
+                let contents = try Data(contentsOf: URL(fileURLWithPath: "\(directory.path)/\(file)"))
+                let found = replaced.filter { contents.range(of: Data("\($0)\"".utf8)) != nil }
+                #expect(found.isEmpty, "after refresh \(round + 1), \(file) still holds \(found)")
+            }
+        }
+        try await a.signOut()
+        let issued = server.state.withLock { $0.issued }
+        for file in try FileManager.default.contentsOfDirectory(atPath: directory.path) {
+            let contents = try Data(contentsOf: URL(fileURLWithPath: "\(directory.path)/\(file)"))
+            let found = (1...issued).flatMap { ["access-\($0)\"", "refresh-\($0)\""] }.filter { contents.range(of: Data($0.utf8)) != nil }
+            #expect(found.isEmpty, "after sign-out, \(file) still holds \(found)")
         }
     }
 

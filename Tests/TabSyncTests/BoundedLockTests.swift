@@ -175,7 +175,7 @@ struct WatcherNeverStallsTests {
         let commitLock = try FileLock(directory: SessionDirectory(path: directory.path), name: "stuck")
         let hold = try #require(try acquireSoon(commitLock))
         defer { hold.release() }
-        try Data("TABSYNC garbage\n{".utf8).write(to: URL(fileURLWithPath: directory.file("stuck.state")))
+        try Data("TABSYNC garbage\n{".utf8).write(to: URL(fileURLWithPath: directory.file("stuck.log")))
         try await Task.sleep(for: .milliseconds(50))  // the watcher has seen the corrupt file
         let started = ContinuousClock.now
         try await otherWriter.set("k", "v")

@@ -8,7 +8,7 @@ import Glibc
 
 @Suite(.timeLimit(.minutes(1)))
 struct MissingStateFileTests {
-    /// Someone deletes the state file under running instances. Readers must not report every key
+    /// Someone deletes the log under running instances. Readers must not report every key
     /// removed at sequence 0 (events go back in sequence); they report the loss, and resynchronise
     /// when the next commit creates a new store, numbered on from the old one.
     @Test func aDeletedStateFileIsNoChangeUntilTheNextCommit() async throws {
@@ -20,11 +20,11 @@ struct MissingStateFileTests {
         try await writer.set("a", "1")
         #expect(await next(&events)?.sequence == 1)
 
-        #expect(unlink(directory.file("storage.state")) == 0)
+        #expect(unlink(directory.file("storage.log")) == 0)
         observer.catchUp()  // reads the missing file now, whatever inotify has delivered yet
         var vanished = false
         while !vanished, let notification = await next(&problems) {
-            if case let .problem(error) = notification { vanished = error.code == .storeVanished && error.path == directory.file("storage.state") }
+            if case let .problem(error) = notification { vanished = error.code == .storeVanished && error.path == directory.file("storage.log") }
         }
         #expect(vanished, "the deletion is reported")
         try await writer.set("b", "2")

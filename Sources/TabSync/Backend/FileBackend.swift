@@ -5,16 +5,15 @@ import Synchronization
 import Glibc
 #endif
 
-/// How hard a commit works to survive a power loss. Any setting survives a killed process:
-/// a commit is a rename, which is atomic.
+/// How hard a commit works to survive a power loss. Any setting survives a killed process: a
+/// commit is one append of self-checking records, and a torn one is never read.
 public enum Durability: String, Sendable, Hashable, CaseIterable {
-    /// No fsync. A power loss may lose recent commits, or leave an empty file that
-    /// recovery then replaces with the previous generation.
+    /// No fsync. A power loss may lose recent commits (a torn tail is cut, never read).
     case none
-    /// fsync of the new file before the rename (the default). A power loss may lose the last
-    /// rename, never the contents.
+    /// `fdatasync` of the log after each append (the default).
     case file
-    /// fsync of the file and then of the directory: a commit that returned survives a power loss.
+    /// As `file`, and `fsync` of the directory whenever a new generation is renamed into place:
+    /// a commit that returned survives a power loss.
     case full
 }
 
@@ -22,21 +21,26 @@ public enum Durability: String, Sendable, Hashable, CaseIterable {
 ///
 /// | file | role |
 /// | --- | --- |
-/// | `NAME.state` | the committed state, replaced by rename |
-/// | `NAME.state.prev` | the previous generation, a hard link kept for recovery |
-/// | `NAME.state.tmp` | the next generation while it is written |
+/// | `NAME.log` | the change log (format 2): appended to by each commit, replaced by rename when compacted |
+/// | `NAME.log.tmp` | the next generation while it is written |
+/// | `NAME.state` | a marker that TabSync 1 (format 1) refuses, instead of starting a store of its own |
 /// | `NAME.lock` | the storage's commit lock (`flock`), never renamed |
 /// | the directory | the directory's commit lock (`flock` on the directory itself) |
-/// | `NAME.state.corrupt-TIME` | a corrupt state file moved aside by recovery |
+/// | `NAME.log.corrupt-TIME` | a damaged log moved aside by recovery (never one that holds secrets) |
+///
+/// ### Reading
+/// Each instance keeps a view of the log: the values as of the last complete commit it read, and
+/// where that commit ends. A read looks at the log's size (one `fstatat`) and reads only the bytes
+/// after its view, up to the first record that is incomplete or does not check. A renamed-in
+/// generation (a compaction, a recovery) is read from its start.
 ///
 /// ### Recovery
-/// When the state file is corrupt (garbage, truncated, wrong checksum), the next reader or
-/// writer, under the commit lock, moves it aside as `NAME.state.corrupt-TIME` and writes the
-/// newest valid state it can prove: the previous generation or the last state this process
-/// read, whichever is newer, with a new store identifier so that every reader resynchronises.
-/// The recovered state records what happened (``StateDocument/recovery``), and every reader
-/// reports it. A state file of a newer
-/// format version, or larger than the limit, is refused and left alone.
+/// Under the commit lock, a writer cuts a torn tail (bytes after the last complete commit that
+/// hold no later valid record) before it appends. A log damaged before its end (a later record
+/// still checks), or one whose header is unreadable, is replaced by a new generation with a new
+/// store identifier holding the values of every record that can be read, and every reader reports
+/// it (``StoreSnapshot/recovery``). A log of a newer format version, or larger than the limit, is
+/// refused and left alone.
 public final class FileBackend: StorageBackend {
     public let directory: SessionDirectory
     public let name: String
@@ -45,56 +49,49 @@ public final class FileBackend: StorageBackend {
     public let journalLimits: JournalLimits
     let pollInterval: Duration
 
-    let stateName: String
-    let previousName: String
+    let logName: String
     let temporaryName: String
-    /// `NAME.lock`: taken first, for peers that lock only it (earlier versions, docs/FORMAT.md's
-    /// older text); it names the committer in reports.
+    /// The format 1 state file: upgraded from, then kept as a marker that format 1 refuses.
+    let legacyName: String
+    /// `NAME.lock`: taken first, for peers that lock only it; it names the committer in reports.
     private let commitLock: FileLock
     /// The directory itself, taken second: what actually excludes other committers, because a
     /// file cleaner can delete `NAME.lock` under its holder but cannot replace the directory.
     private let directoryLock: FileLock
 
-    private struct FileIdentity: Equatable {
-        var device: UInt64, inode: UInt64, size: Int64, changeTime: timespec, modifyTime: timespec
+    /// An open generation of the log.
+    private final class Generation: Sendable {
+        let descriptor: Int32
+        let device: UInt64
+        let inode: UInt64
 
-        init(_ info: stat) {
+        init(descriptor: Int32, info: stat) {
+            self.descriptor = descriptor
             device = UInt64(info.st_dev)
             inode = UInt64(info.st_ino)
-            size = Int64(info.st_size)
-            changeTime = info.st_ctim
-            modifyTime = info.st_mtim
         }
 
-        static func == (a: Self, b: Self) -> Bool {
-            a.device == b.device && a.inode == b.inode && a.size == b.size
-                && a.changeTime.tv_sec == b.changeTime.tv_sec && a.changeTime.tv_nsec == b.changeTime.tv_nsec
-                && a.modifyTime.tv_sec == b.modifyTime.tv_sec && a.modifyTime.tv_nsec == b.modifyTime.tv_nsec
-        }
+        deinit { close(descriptor) }
     }
 
-    private struct Cache {
-        var identity: FileIdentity?
-        /// The header line of the cached file. Inode numbers are reused and file times are
-        /// coarse (a clock tick), so a new file can have the identity of one seen before; the
-        /// header (sequence, length, checksum of the body) tells them apart.
-        var header: ArraySlice<UInt8> = []
-        var document: StateDocument?
-        /// The newest valid document this process has seen, kept for recovery.
-        var lastGood: StateDocument?
-        /// The journal entries of the last file read or written, with their bytes: the next
-        /// encode or decode does no work for the entries that did not change.
-        var memo = StateBody.Memo()
+    private struct Reader {
+        var generation: Generation?
+        var view: LogView?
+        /// The newest values this process has read, kept for recovery.
+        var lastGood: (store: String, sequence: UInt64, values: [String: String], origins: [String: String])?
+        /// The last generation read holds secrets (its header says so).
+        var secret = false
     }
 
-    private let cache = Mutex(Cache())
+    private let reader = Mutex(Reader())
     /// Serialises commits of this instance; the flock serialises processes and instances.
     private let commitGate = CommitGate()
     /// The thread inside `commit`, to refuse a commit from inside a commit instead of deadlocking.
     private let committingThread = Atomic<UInt>(0)
     let lockTimeout: Duration
 
-    /// Opens the storage `name` in `directory`, creating its state file when missing.
+    /// Opens the storage `name` in `directory`, creating its log when missing (or upgrading a
+    /// format 1 state file to it).
     public init(
         directory: SessionDirectory, name: String, durability: Durability = .file,
         maximumStateBytes: Int = 16 << 20, journalLimits: JournalLimits = JournalLimits(),
@@ -108,18 +105,18 @@ public final class FileBackend: StorageBackend {
         self.maximumStateBytes = maximumStateBytes
         self.journalLimits = journalLimits
         self.pollInterval = pollInterval
-        self.stateName = name + ".state"
-        self.previousName = name + ".state.prev"
-        self.temporaryName = name + ".state.tmp"
+        self.logName = name + ".log"
+        self.temporaryName = name + ".log.tmp"
+        self.legacyName = name + ".state"
         self.commitLock = try FileLock(directory: directory, name: name)
         self.directoryLock = FileLock(directoryOf: directory, name: name)
-        if try directory.inspect(stateName) == nil {
-            // Creates the file (and its store identifier) so that every reader starts from one store.
-            try commitDocument { _ in }
+        if try directory.inspect(logName) == nil {
+            // Creates the log (and its store identifier) so that every reader starts from one store.
+            try commitView { _ in }
         }
     }
 
-    public var location: String { directory.path(of: stateName) }
+    public var location: String { directory.path(of: logName) }
 
     static func validate(name: String, what: String) throws(TabSyncError) {
         let allowed = name.utf8.allSatisfy { byte in
@@ -133,89 +130,151 @@ public final class FileBackend: StorageBackend {
 
     // MARK: Reading
 
-    /// A missing state file is read again under the commit lock: a recovery in progress holds
-    /// it while the file is briefly missing, so only a file still missing then was deleted.
-    public func load() throws(TabSyncError) -> StateDocument {
-        do {
-            let document = try read().document
-            if document.storeID.isEmpty { return try readAgainAfterRecovery() }
-            return document
-        } catch where error.code == .corruptState {
-            return try commitDocument { document in document }
-        }
+    /// What a look at the log found.
+    private enum Look {
+        /// The view is up to date with the log's complete commits (and the records it read now).
+        case current([ChangeRecord])
+        /// There is no log.
+        case missing
+        /// The log needs the commit lock's holder: a tail to cut, or damage to recover from.
+        case needsRepair(Damage)
     }
 
-    /// The state read again once `NAME.lock` is free, for a state file found missing: a recovery
-    /// holds that lock while the file is briefly missing. The lock file is not created (a
-    /// directory being deleted must not get files back); without one, the store is gone.
-    private func readAgainAfterRecovery() throws(TabSyncError) -> StateDocument {
-        // Inside this instance's own commit (a read from its closure) the lock is this thread's.
-        if committingThread.load(ordering: .acquiring) == Self.currentThread { return StateDocument(storeID: "") }
-        guard let hold = try commitLock.acquireIfExists(timeout: lockTimeout) else { return StateDocument(storeID: "") }
-        defer { hold.release() }
-        return try read().document
+    private enum Damage {
+        /// Bytes after the last complete commit that are no record (a torn append), or an
+        /// incomplete commit, at `offset`: cut by the next writer.
+        case tornTail(offset: Int)
+        /// A record that does not check, with a valid one after it: the log is damaged.
+        case damaged(String)
+        /// The header is unreadable: not a log of ours (garbage, truncated, foreign).
+        case unreadable(String)
     }
 
-    /// Reads the state; nil when it is corrupt and needs a recovery, or missing and needs a look
-    /// under the commit lock.
-    func loadWithoutRecovery() throws(TabSyncError) -> StateDocument? {
-        do {
-            let document = try read().document
-            return document.storeID.isEmpty ? nil : document
-        } catch where error.code == .corruptState {
-            return nil
-        }
-    }
-
-    /// Reads the state file; an unchanged file (same inode, size and times) is not read again.
-    /// A missing file reads as an empty state with no store identifier. Also returns the file's
-    /// header line (empty for a missing file), which tells the file apart from others.
-    private func read() throws(TabSyncError) -> (document: StateDocument, header: ArraySlice<UInt8>) {
-        let path = location
+    /// Brings the view up to date with the log. Without the lock, an incomplete commit is one
+    /// being written and is left for later; with it (`locked`), there is no commit in progress,
+    /// so anything after the last complete one is reported for repair.
+    private func look(_ reader: inout Reader, locked: Bool) throws(TabSyncError) -> Look {
         // A directory moved, replaced or opened up is not read from (nor then written to).
         try directory.verify()
-        guard let fd = try directory.openExisting(stateName, flags: O_RDONLY) else {
-            return (StateDocument(storeID: ""), [])
-        }
-        defer { close(fd) }
         var info = stat()
-        guard fstat(fd, &info) == 0 else { throw TabSyncError.system("fstat", .current, path: path) }
-        let identity = FileIdentity(info)
-        let hit = cache.withLock { cache -> (StateDocument, ArraySlice<UInt8>)? in
-            guard cache.identity == identity, let document = cache.document else { return nil }
-            return (document, cache.header)
+        guard fstatat(directory.descriptor, logName, &info, AT_SYMLINK_NOFOLLOW) == 0 else {
+            let errno = Errno.current
+            if errno == .noSuchFileOrDirectory { return .missing }
+            throw TabSyncError.system("fstatat", errno, path: location)
         }
-        if let (cached, header) = hit {
-            let start = try readAll(fd, count: min(header.count, Int(info.st_size)), path: path)
-            if start.elementsEqual(header) { return (cached, header) }
-        }
+        try SessionDirectory.checkRegular(info, path: location)
         guard Int(info.st_size) <= maximumStateBytes else {
             throw TabSyncError(
-                code: .stateTooLarge, path: path,
-                message: "The state file has \(info.st_size) bytes, more than the limit of \(maximumStateBytes)")
+                code: .stateTooLarge, path: location,
+                message: "The log has \(info.st_size) bytes, more than the limit of \(maximumStateBytes)")
         }
-        let bytes = try readAll(fd, count: Int(info.st_size), path: path)
-        var memo = cache.withLock { $0.memo }
-        let document = try StateFileCodec.decode(bytes, path: path, memo: &memo)
-        let header = StateFileCodec.headerLine(bytes)
-        cache.withLock { [memo] cache in
-            cache.memo = memo
-            cache.identity = identity
-            cache.document = document
-            cache.header = header
-            if document.storeID != cache.lastGood?.storeID || document.sequence >= cache.lastGood?.sequence ?? 0 {
-                cache.lastGood = document
+        if let generation = reader.generation, var view = reader.view,
+           generation.device == UInt64(info.st_dev), generation.inode == UInt64(info.st_ino) {
+            let size = Int(info.st_size)
+            if size == view.offset { return .current([]) }
+            if size < view.offset {
+                // Only a writer cutting a torn tail shortens the log, and never below a complete commit.
+                return .needsRepair(.damaged("the log is shorter (\(size) bytes) than its commits that were read (\(view.offset))"))
             }
+            let bytes = try readAll(generation.descriptor, from: view.offset, count: size - view.offset)
+            let (applied, stop) = bytes.withUnsafeBytes { view.read($0, maximumLength: maximumStateBytes) }
+            reader.view = view
+            if let regression = regression(reader) { return .needsRepair(regression) }
+            remember(&reader)
+            if let damage = try damage(stop, in: generation, view: view, locked: locked) { return .needsRepair(damage) }
+            return .current(applied)
         }
-        return (document, header)
+        // Another generation (or the first one this instance reads): read it whole.
+        guard let descriptor = try directory.openExisting(logName, flags: O_RDWR) else { return .missing }
+        var opened = stat()
+        guard fstat(descriptor, &opened) == 0 else {
+            let errno = Errno.current
+            close(descriptor)
+            throw TabSyncError.system("fstat", errno, path: location)
+        }
+        let generation = Generation(descriptor: descriptor, info: opened)
+        guard Int(opened.st_size) <= maximumStateBytes else {
+            throw TabSyncError(
+                code: .stateTooLarge, path: location,
+                message: "The log has \(opened.st_size) bytes, more than the limit of \(maximumStateBytes)")
+        }
+        let bytes = try readAll(descriptor, from: 0, count: Int(opened.st_size))
+        let decoded: Result<LogFormat.Header, LogFormat.HeaderProblem> = bytes.withUnsafeBytes { LogFormat.decodeHeader($0) }
+        let header: LogFormat.Header
+        switch decoded {
+        case let .success(found): header = found
+        case .failure(.short): return .needsRepair(.unreadable(bytes.isEmpty ? "the log is empty" : "the log is shorter than its header (\(bytes.count) bytes)"))
+        case let .failure(.foreign(problem)): return .needsRepair(.unreadable("the file is not a TabSync log: \(problem)"))
+        case let .failure(.version(version)):
+            throw TabSyncError(
+                code: .unsupportedVersion, path: location,
+                message: "The log has format version \(version); this TabSync reads version \(LogFormat.version) (written by a newer TabSync?)")
+        }
+        var view = LogView(header: header, retention: Self.memoryWindow)
+        let (_, stop) = bytes.withUnsafeBytes { view.read(UnsafeRawBufferPointer(rebasing: $0[LogFormat.headerSize...]), maximumLength: maximumStateBytes) }
+        guard view.hasSnapshot else {
+            return .needsRepair(.unreadable("the log's first record is not a valid snapshot"))
+        }
+        // A reader that moves to another generation of the same store goes on from its position
+        // (the new window reaches back); one of another store resynchronises.
+        reader.generation = generation
+        reader.view = view
+        reader.secret = header.flags.contains(.secret)
+        if let regression = regression(reader) { return .needsRepair(regression) }
+        remember(&reader)
+        if let damage = try damage(stop, in: generation, view: view, locked: locked) { return .needsRepair(damage) }
+        return .current([])
     }
 
-    private func readAll(_ fd: Int32, count: Int, path: String) throws(TabSyncError) -> [UInt8] {
-        var bytes = [UInt8](repeating: 0, count: count)
+    /// A log never goes back in its store: one that does is a shorter or older copy put in place
+    /// (truncated, restored from a backup), which a reader must not follow back.
+    private func regression(_ reader: Reader) -> Damage? {
+        guard let view = reader.view, let last = reader.lastGood, last.store == view.store, view.sequence < last.sequence else { return nil }
+        return .damaged("it went back from sequence \(last.sequence) to \(view.sequence) of the same store")
+    }
+
+    /// What a stop means: nothing, a tail to cut or damage (with the lock), or, without it, a
+    /// commit still being written (nothing) or something for the lock's holder to look at.
+    private func damage(_ stop: LogView.Stop, in generation: Generation, view: LogView, locked: Bool) throws(TabSyncError) -> Damage? {
+        switch stop {
+        case .end:
+            return nil
+        case .incomplete:
+            return locked ? .tornTail(offset: view.offset) : nil
+        case let .invalid(offset, problem):
+            guard locked else { return .tornTail(offset: offset) }
+            var info = stat()
+            guard fstat(generation.descriptor, &info) == 0 else { throw TabSyncError.system("fstat", .current, path: location) }
+            let rest = try readAll(generation.descriptor, from: offset, count: Int(info.st_size) - offset)
+            let later = rest.withUnsafeBytes { Self.nextRecord(in: $0, after: 0, salt: view.header.salt, maximumLength: maximumStateBytes) }
+            return later == nil ? .tornTail(offset: offset) : .damaged("\(problem) at byte \(offset), and later records are valid")
+        }
+    }
+
+    /// The offset of the first valid record after `offset`, looked for in at most 4 MiB.
+    static func nextRecord(in bytes: UnsafeRawBufferPointer, after offset: Int, salt: [UInt8], maximumLength: Int) -> Int? {
+        var candidate = offset + 1
+        let limit = min(bytes.count, offset + (4 << 20))
+        while candidate + LogFormat.frameSize + LogFormat.trailerSize <= limit {
+            if case .record = LogFormat.record(in: bytes, at: candidate, salt: salt, maximumLength: maximumLength) { return candidate }
+            candidate += 1
+        }
+        return nil
+    }
+
+    private func remember(_ reader: inout Reader) {
+        guard let view = reader.view else { return }
+        if view.store != reader.lastGood?.store || view.sequence >= reader.lastGood?.sequence ?? 0 {
+            reader.lastGood = (view.store, view.sequence, view.values, view.origins)
+        }
+    }
+
+    private func readAll(_ fd: Int32, from offset: Int, count: Int) throws(TabSyncError) -> [UInt8] {
+        var bytes = [UInt8](repeating: 0, count: max(0, count))
         var done = 0
         while done < count {
-            let got = try retrying("read", path: path) {
-                bytes.withUnsafeMutableBytes { pread(fd, $0.baseAddress! + done, count - done, off_t(done)) }
+            let got = try retrying("pread", path: location) {
+                bytes.withUnsafeMutableBytes { pread(fd, $0.baseAddress! + done, count - done, off_t(offset + done)) }
             }
             if got == 0 { break }
             done += got
@@ -225,29 +284,379 @@ public final class FileBackend: StorageBackend {
         return bytes
     }
 
+    /// The view brought up to date, repairing the log under the commit lock if it must:
+    /// `waiting` false returns nil instead of waiting for the lock.
+    private func current(waiting: Bool) throws(TabSyncError) -> (Look, Reader)? {
+        let looked: (Look, Reader)?
+        if waiting {
+            looked = try reader.withLock { reader throws(TabSyncError) in (try look(&reader, locked: false), reader) }
+        } else {
+            // The watcher thread does not wait for a commit of this instance in progress either.
+            let attempt: Result<(Look, Reader), TabSyncError>? = reader.withLockIfAvailable { reader in
+                do throws(TabSyncError) { return .success((try look(&reader, locked: false), reader)) } catch { return .failure(error) }
+            }
+            switch attempt {
+            case nil: return nil
+            case let .success(found): looked = found
+            case let .failure(error): throw error
+            }
+        }
+        guard let looked else { return nil }
+        if case .needsRepair = looked.0 {
+            guard waiting else { return nil }
+            // Inside this instance's own commit, the lock is this thread's: what it sees is it.
+            if committingThread.load(ordering: .acquiring) == Self.currentThread { return looked }
+            try commitView { _ in }
+            return try reader.withLock { reader throws(TabSyncError) in (try look(&reader, locked: false), reader) }
+        }
+        return looked
+    }
+
+    /// The latest state as a format 1 document (values, sequence, store, the recent records as
+    /// its journal), for tools.
+    public func load() throws(TabSyncError) -> StateDocument {
+        let snapshot = try snapshot()
+        let journal = reader.withLock { reader in reader.view.map { Array($0.window.suffix(512)) } ?? [] }
+        var document = StateDocument(storeID: snapshot.position.store, sequence: snapshot.position.sequence, values: snapshot.values, journal: journal)
+        document.recovery = snapshot.recovery
+        return document
+    }
+
     // MARK: Committing
 
-    /// Runs `body` on the state document under the commit locks and writes what it changed.
-    func commitDocument<Result>(_ body: (inout StateDocument) throws(TabSyncError) -> Result) throws(TabSyncError) -> Result {
-        try locked { () throws(TabSyncError) in try commitLocked(body) }
+    /// Runs `body` on the values under the commit locks, and appends what it changed.
+    func commitView<Result>(_ body: (inout StoreTransaction) throws(TabSyncError) -> Result) throws(TabSyncError) -> Result {
+        try locked { () throws(TabSyncError) in try commitLocked(author: ChangeAuthor(origin: "", instance: ""), body) }
     }
 
-    /// The commit's read-modify-write, with the locks held.
-    private func commitLocked<Result>(_ body: (inout StateDocument) throws(TabSyncError) -> Result) throws(TabSyncError) -> Result {
-        var (document, source, mustWrite) = try readLocked()
-        if document.sequence > StateDocument.maximumSequence - (1 << 24) {
-            // Sequence numbers run out (only a planted file gets this far): go on in a new
-            // store with the same values, which readers resynchronise to.
-            document = StateDocument(values: document.values)
-            (source, mustWrite) = ([], true)
+    /// The commit's read-modify-write, with the locks held: repairs the log if it must, runs
+    /// `body`, appends its records with one write, and compacts when the log has grown past
+    /// its bound (or a key's history is to be scrubbed).
+    private func commitLocked<Result>(
+        author: ChangeAuthor, _ body: (inout StoreTransaction) throws(TabSyncError) -> Result
+    ) throws(TabSyncError) -> Result {
+        var values: [String: String] = [:], sequence: UInt64 = 0
+        var pending: [UInt8]?
+        try reader.withLock { reader throws(TabSyncError) in
+            pending = try prepareLocked(&reader)
+            let view = pending.map { Self.view(of: $0, retention: Self.memoryWindow) } ?? reader.view!
+            values = view.values
+            sequence = view.sequence
         }
-        let before = (document.storeID, document.sequence)
-        let result = try body(&document)
-        if mustWrite || document.scrubbed || before != (document.storeID, document.sequence) {
-            try write(document, derivedFrom: source)
-        }
+        var transaction = StoreTransaction(values: values, sequence: sequence, author: author)
+        let result = try body(&transaction)
+        if transaction.records.isEmpty && transaction.scrubbedKeys.isEmpty && pending == nil { return result }
+        try reader.withLock { reader throws(TabSyncError) in try appendLocked(transaction, to: &reader, pending: pending) }
         return result
     }
+
+    /// The view of a generation this process encoded.
+    static func view(of bytes: [UInt8], retention: Int) -> LogView {
+        guard case let .success(header) = bytes.withUnsafeBytes({ LogFormat.decodeHeader($0) }) else {
+            preconditionFailure("a generation this process encoded has no valid header")
+        }
+        var view = LogView(header: header, retention: retention)
+        _ = bytes.withUnsafeBytes { view.read(UnsafeRawBufferPointer(rebasing: $0[LogFormat.headerSize...]), maximumLength: Int.max) }
+        return view
+    }
+
+    /// Under the commit lock: the view brought up to date, and the log cut as needed. Returns the
+    /// new generation that the commit must write instead of appending (the log is missing, to
+    /// be created or upgraded; damaged, to be recovered; out of sequence numbers), written
+    /// together with the commit's records so that readers see one change.
+    private func prepareLocked(_ reader: inout Reader) throws(TabSyncError) -> [UInt8]? {
+        switch try look(&reader, locked: true) {
+        case .current:
+            if let view = reader.view, view.sequence > StateDocument.maximumSequence - (1 << 24) {
+                // Sequence numbers run out (only a planted file gets this far): go on in a new
+                // store with the same values, which readers resynchronise to.
+                return LogView.fresh(
+                    salt: Self.salt(), flags: reader.secret ? .secret : [], store: StateDocument.newStoreID(), sequence: 0,
+                    values: view.values, origins: view.origins)
+            }
+            return nil
+        case .missing:
+            // (The marker that format 1 refuses is written once the generation is in place.)
+            // None yet, or deleted: a new store, numbered on from the last one this process saw,
+            // so that readers' sequence numbers do not go back.
+            return try upgradeLegacy() ?? LogView.fresh(
+                salt: Self.salt(), flags: reader.secret ? .secret : [], store: StateDocument.newStoreID(),
+                sequence: reader.lastGood?.sequence ?? 0, values: [:])
+        case let .needsRepair(.tornTail(offset)):
+            let generation = reader.generation!
+            guard ftruncate(generation.descriptor, off_t(offset)) == 0 else { throw TabSyncError.system("ftruncate", .current, path: location) }
+            return nil
+        case let .needsRepair(.damaged(problem)):
+            return try recover(&reader, problem: "The log is damaged: \(problem)", salvage: true)
+        case let .needsRepair(.unreadable(problem)):
+            return try recover(&reader, problem: "The log is unreadable: \(problem)", salvage: false)
+        }
+    }
+
+    /// A new generation after damage: the values of every record that still checks (`salvage`)
+    /// or the newest this process read, in a new store, so that every reader resynchronises. A
+    /// log that holds secrets is deleted; any other is moved aside as `NAME.log.corrupt-TIME`.
+    private func recover(_ reader: inout Reader, problem: String, salvage: Bool) throws(TabSyncError) -> [UInt8] {
+        var values = reader.lastGood?.values ?? [:]
+        var origins = reader.lastGood?.origins ?? [:]
+        var sequence = reader.lastGood?.sequence ?? 0
+        var source = reader.lastGood == nil ? "nothing (no valid earlier state; starting empty)" : "the last state this process read"
+        // The damaged log's readable records, when they go further than what this process read.
+        if salvage, let generation = reader.generation, let view = reader.view {
+            var info = stat()
+            if fstat(generation.descriptor, &info) == 0 {
+                let bytes = try readAll(generation.descriptor, from: 0, count: Int(info.st_size))
+                let salvaged = bytes.withUnsafeBytes { Self.salvage($0, view: view, maximumLength: maximumStateBytes) }
+                if reader.lastGood == nil || salvaged.2 > sequence {
+                    (values, origins, sequence) = salvaged
+                    source = "every record that could still be read"
+                }
+            }
+        }
+        let secret = reader.secret
+        let stamp = Int64(Date().timeIntervalSince1970 * 1000)
+        let asideName = "\(logName).corrupt-\(stamp)"
+        let fate: String
+        if secret {
+            fate = "deleted it (it holds values whose history must not survive)"
+        } else if reader.lastGood == nil, !salvage {
+            // Unreadable, and never read before by this process: whether it holds secrets
+            // cannot be told, so it is not kept.
+            fate = "deleted it (whether it held secrets could not be told)"
+        } else {
+            if linkat(directory.descriptor, logName, directory.descriptor, asideName, 0) != 0 {
+                throw TabSyncError.system("linkat", .current, path: directory.path(of: asideName))
+            }
+            fate = "moved it aside as \(asideName)"
+        }
+        let recovery = "\(problem); \(fate) and recovered from \(source)"
+        return LogView.fresh(
+            salt: Self.salt(), flags: secret ? .secret : [], store: StateDocument.newStoreID(),
+            sequence: sequence < StateDocument.maximumSequence ? sequence + 1 : 1, values: values, origins: origins, recovery: recovery)
+    }
+
+    /// The values of every record of a damaged log that checks: the view's (its complete commits
+    /// before the damage), then those of each later valid record, which set keys absolutely.
+    static func salvage(_ bytes: UnsafeRawBufferPointer, view: LogView, maximumLength: Int) -> ([String: String], [String: String], UInt64) {
+        var values = view.values, origins = view.origins, sequence = view.sequence
+        var offset = view.offset
+        while let next = nextRecord(in: bytes, after: offset, salt: view.header.salt, maximumLength: maximumLength) {
+            guard case let .record(record, end) = LogFormat.record(in: bytes, at: next, salt: view.header.salt, maximumLength: maximumLength) else { break }
+            if case let .change(change) = record.body {
+                if let key = change.key {
+                    values[key] = change.value
+                    origins[key] = change.value == nil ? nil : change.origin
+                } else {
+                    values.removeAll()
+                    origins.removeAll()
+                }
+                sequence = max(sequence, record.sequence)
+            }
+            offset = end - 1
+        }
+        return (values, origins, sequence)
+    }
+
+    /// Appends the transaction's records with one write, then compacts if it must; or writes
+    /// them with the `pending` generation.
+    private func appendLocked(_ transaction: StoreTransaction, to reader: inout Reader, pending: [UInt8]?) throws(TabSyncError) {
+        if let pending {
+            var bytes = pending
+            Self.encode(transaction.records, salt: Array(pending[20..<36]), to: &bytes)
+            if transaction.scrubbedKeys.isEmpty {
+                try replace(&reader, with: bytes)
+            } else {
+                let view = Self.view(of: bytes, retention: Self.memoryWindow)
+                try replace(&reader, with: view.compacted(salt: Self.salt(), flags: .secret, retained: 0))
+            }
+            // A format 1 state file (now upgraded) or none: the marker goes in its place.
+            if try !hasLegacyMarker() { try writeLegacyMarker() }
+            return
+        }
+        guard let generation = reader.generation, var view = reader.view else { return }
+        var bytes: [UInt8] = []
+        Self.encode(transaction.records, salt: view.header.salt, to: &bytes)
+        if !transaction.scrubbedKeys.isEmpty {
+            // No earlier value of a scrubbed key may survive: the commit is a new generation with
+            // no history (written instead of an append, so that it fails or succeeds whole).
+            _ = bytes.withUnsafeBytes { view.read($0, maximumLength: maximumStateBytes) }
+            try replace(&reader, with: view.compacted(salt: Self.salt(), flags: .secret, retained: 0))
+            return
+        }
+        if !bytes.isEmpty {
+            guard view.offset + bytes.count <= maximumStateBytes else {
+                throw TabSyncError(
+                    code: .stateTooLarge, path: location,
+                    message: "The log would have \(view.offset + bytes.count) bytes, more than the limit of \(maximumStateBytes)")
+            }
+            do throws(TabSyncError) {
+                var done = 0
+                while done < bytes.count {
+                    done += try retrying("pwrite", path: location) {
+                        bytes.withUnsafeBytes { pwrite(generation.descriptor, $0.baseAddress! + done, bytes.count - done, off_t(view.offset + done)) }
+                    }
+                }
+                if durability != .none, fdatasync(generation.descriptor) != 0 {
+                    throw TabSyncError.system("fdatasync", .current, path: location)
+                }
+            } catch {
+                // Nothing of a failed append stays: the log ends at its last commit again.
+                _ = ftruncate(generation.descriptor, off_t(view.offset))
+                throw error
+            }
+            _ = bytes.withUnsafeBytes { view.read($0, maximumLength: maximumStateBytes) }
+            reader.view = view
+            remember(&reader)
+        }
+        // Past twice its bounds, the log is compacted. The commit is in already: a compaction
+        // that fails (a full disk) leaves the log as it is, longer, and the next commit tries again.
+        if view.offset > journalLimits.maximumBytes * 2 || view.sequence - view.header.base > UInt64(journalLimits.maximumEntries) * 2 {
+            // The records to keep, read again from the log: memory holds only the last few.
+            do throws(TabSyncError) {
+                let full = try fullView(of: generation, through: view.offset, retention: journalLimits.maximumEntries)
+                try replace(&reader, with: full.compacted(salt: Self.salt(), flags: reader.secret ? .secret : [], retained: journalLimits.maximumEntries))
+            } catch {
+                compactionFailures.add(1, ordering: .relaxed)
+            }
+        }
+    }
+
+    /// Compactions that failed (the commit before each went in), for diagnostics and tests.
+    let compactionFailures = Atomic<Int>(0)
+
+    /// How many records a view keeps in memory (for readers a little behind); the log keeps
+    /// more (``journalLimits``), read again when a reader or a compaction needs them.
+    static let memoryWindow = 1024
+
+    /// The generation's first `offset` bytes read again into a view that keeps `retention` records.
+    private func fullView(of generation: Generation, through offset: Int, retention: Int) throws(TabSyncError) -> LogView {
+        let bytes = try readAll(generation.descriptor, from: 0, count: offset)
+        guard case let .success(header) = bytes.withUnsafeBytes({ LogFormat.decodeHeader($0) }) else {
+            throw TabSyncError(code: .corruptState, path: location, message: "The log's header changed under its readers")
+        }
+        var view = LogView(header: header, retention: max(1, retention))
+        _ = bytes.withUnsafeBytes { view.read(UnsafeRawBufferPointer(rebasing: $0[LogFormat.headerSize...]), maximumLength: maximumStateBytes) }
+        return view
+    }
+
+    /// The records of a commit, the last one marked as its end.
+    private static func encode(_ records: [ChangeRecord], salt: [UInt8], to bytes: inout [UInt8]) {
+        for (index, record) in records.enumerated() {
+            let change = LogFormat.Change(key: record.key, value: record.newValue, origin: record.origin, instance: record.instance, time: record.time)
+            LogFormat.append(
+                LogFormat.Record(sequence: record.sequence, flags: index == records.count - 1 ? .commitEnd : [], body: .change(change)),
+                salt: salt, to: &bytes)
+        }
+    }
+
+    /// Writes `bytes` as the log's next generation (temporary file, fsync, rename) and makes it
+    /// the view.
+    private func replace(_ reader: inout Reader, with bytes: [UInt8]) throws(TabSyncError) {
+        let temporaryPath = directory.path(of: temporaryName)
+        guard bytes.count <= maximumStateBytes else {
+            throw TabSyncError(
+                code: .stateTooLarge, path: location,
+                message: "The new log would have \(bytes.count) bytes, more than the limit of \(maximumStateBytes)")
+        }
+        // A writer killed mid-compaction may have left a temporary file; it never became the log.
+        _ = unlinkat(directory.descriptor, temporaryName, 0)
+        let fd = try directory.openFile(temporaryName, flags: O_RDWR | O_EXCL, create: true)
+        do throws(TabSyncError) {
+            var done = 0
+            while done < bytes.count {
+                done += try retrying("write", path: temporaryPath) {
+                    bytes.withUnsafeBytes { Glibc.write(fd, $0.baseAddress! + done, bytes.count - done) }
+                }
+            }
+            if durability != .none, fsync(fd) != 0 {
+                throw TabSyncError.system("fsync", .current, path: temporaryPath)
+            }
+            guard renameat(directory.descriptor, temporaryName, directory.descriptor, logName) == 0 else {
+                throw TabSyncError.system("renameat", .current, path: location)
+            }
+        } catch {
+            close(fd)
+            _ = unlinkat(directory.descriptor, temporaryName, 0)
+            throw error
+        }
+        var info = stat()
+        guard fstat(fd, &info) == 0 else {
+            let errno = Errno.current
+            close(fd)
+            throw TabSyncError.system("fstat", errno, path: location)
+        }
+        let view = Self.view(of: bytes, retention: Self.memoryWindow)
+        reader.generation = Generation(descriptor: fd, info: info)
+        reader.view = view
+        reader.secret = view.header.flags.contains(.secret)
+        remember(&reader)
+        if durability == .full, fsync(directory.descriptor) != 0 {
+            throw TabSyncError.system("fsync", .current, path: directory.path)
+        }
+    }
+
+    /// A random salt for a new generation.
+    static func salt() -> [UInt8] {
+        var generator = SystemRandomNumberGenerator()
+        return (0..<LogFormat.saltSize).map { _ in UInt8.random(in: 0...255, using: &generator) }
+    }
+
+    // MARK: Format 1
+
+    /// The marker left as `NAME.state`: a format 1 header line of version 2, which TabSync 1
+    /// refuses with `unsupportedVersion` instead of starting a store of its own beside the log.
+    static let legacyMarker = Array("tabsync-state 2 0 0 00000000\n".utf8)
+
+    /// A format 1 state file, read and turned into a first generation with the same store, values
+    /// and sequence number; nil when there is none (or only the marker). The old file's previous
+    /// generation is deleted: it may hold replaced values.
+    private func upgradeLegacy() throws(TabSyncError) -> [UInt8]? {
+        guard let fd = try directory.openExisting(legacyName, flags: O_RDONLY) else { return nil }
+        defer { close(fd) }
+        var info = stat()
+        guard fstat(fd, &info) == 0 else { throw TabSyncError.system("fstat", .current, path: directory.path(of: legacyName)) }
+        guard Int(info.st_size) <= maximumStateBytes else { return nil }
+        let bytes = try readAll(fd, from: 0, count: Int(info.st_size))
+        if bytes == Self.legacyMarker { return nil }
+        guard let document = try? StateFileCodec.decode(bytes, path: directory.path(of: legacyName)) else {
+            // Not a state file this version can read: kept aside, not overwritten by the marker.
+            let aside = "\(legacyName).corrupt-\(Int64(Date().timeIntervalSince1970 * 1000))"
+            if linkat(directory.descriptor, legacyName, directory.descriptor, aside, 0) != 0 {
+                throw TabSyncError.system("linkat", .current, path: directory.path(of: aside))
+            }
+            return nil
+        }
+        var origins: [String: String] = [:]
+        for entry in document.journal { if let key = entry.key { origins[key] = entry.newValue == nil ? nil : entry.origin } }
+        _ = unlinkat(directory.descriptor, legacyName + ".prev", 0)
+        _ = unlinkat(directory.descriptor, legacyName + ".tmp", 0)
+        return LogView.fresh(
+            salt: Self.salt(), flags: [], store: document.storeID, sequence: document.sequence, values: document.values,
+            origins: origins, recovery: document.recovery)
+    }
+
+    private func hasLegacyMarker() throws(TabSyncError) -> Bool {
+        guard let fd = try directory.openExisting(legacyName, flags: O_RDONLY) else { return false }
+        defer { close(fd) }
+        return try readAll(fd, from: 0, count: Self.legacyMarker.count + 1) == Self.legacyMarker
+    }
+
+    /// Puts the format 1 marker in place of `NAME.state` (by rename: a TabSync 1 process that
+    /// watches it reads it and stops).
+    private func writeLegacyMarker() throws(TabSyncError) {
+        let temporary = legacyName + ".tmp"
+        _ = unlinkat(directory.descriptor, temporary, 0)
+        let fd = try directory.openFile(temporary, flags: O_WRONLY | O_EXCL, create: true)
+        let written = Self.legacyMarker.withUnsafeBytes { Glibc.write(fd, $0.baseAddress!, $0.count) }
+        close(fd)
+        guard written == Self.legacyMarker.count, renameat(directory.descriptor, temporary, directory.descriptor, legacyName) == 0 else {
+            let errno = Errno.current
+            _ = unlinkat(directory.descriptor, temporary, 0)
+            throw TabSyncError.system("renameat", errno, path: directory.path(of: legacyName))
+        }
+    }
+
+    // MARK: Locks around commits
 
     /// Runs `body` holding this instance's gate and both commit locks (`NAME.lock`, then the
     /// directory), in a directory checked to be still in place and private.
@@ -293,11 +702,49 @@ public final class FileBackend: StorageBackend {
 
     private static var currentThread: UInt { UInt(bitPattern: Int(bitPattern: UInt(pthread_self()))) }
 
+    // MARK: The backend protocol
+
+    public func snapshot() throws(TabSyncError) -> StoreSnapshot {
+        guard let (look, reader) = try current(waiting: true) else { return StoreSnapshot(values: [:], position: StorePosition(store: "", sequence: 0)) }
+        guard case .current = look, let view = reader.view else {
+            return StoreSnapshot(values: [:], position: StorePosition(store: "", sequence: 0))
+        }
+        return StoreSnapshot(values: view.values, position: StorePosition(store: view.store, sequence: view.sequence), recovery: view.recovery)
+    }
+
+    public func changes(after position: StorePosition, waiting: Bool) throws(TabSyncError) -> StoreChanges? {
+        guard let (look, reader) = try current(waiting: waiting) else { return nil }
+        switch look {
+        case .missing: return .missing
+        case .needsRepair: return nil
+        case .current: break
+        }
+        guard let view = reader.view else { return .missing }
+        // A reader that started before any store existed replays the first store's records.
+        if position.store == view.store || position.store.isEmpty {
+            if let records = view.records(after: position.sequence) { return .records(Array(records), store: view.store) }
+            // Behind the records kept in memory, but maybe not behind the log's: read it again.
+            if position.sequence >= view.header.base, let generation = reader.generation,
+               let full = try? fullView(of: generation, through: view.offset, retention: Int(view.sequence - position.sequence)),
+               let records = full.records(after: position.sequence) {
+                return .records(Array(records), store: view.store)
+            }
+        }
+        let snapshot = StoreSnapshot(values: view.values, position: StorePosition(store: view.store, sequence: view.sequence), recovery: view.recovery)
+        return .resync(snapshot, origins: view.origins)
+    }
+
+    public func commit<Result>(
+        as author: ChangeAuthor, _ body: (inout StoreTransaction) throws(TabSyncError) -> Result
+    ) throws(TabSyncError) -> Result {
+        try locked { () throws(TabSyncError) in try commitLocked(author: author, body) }
+    }
+
     /// The async commit: its turn among this instance's commits and its waits for the two locks
     /// suspend the task (cancellable, bounded by the lock timeout together); the read, `body`,
     /// the write and the fsync then run on `BlockingPool`, never on a Swift concurrency thread.
-    func commitDocument<Result: Sendable>(
-        _ body: @escaping @Sendable (inout StateDocument) throws(TabSyncError) -> Result
+    public func commit<Result: Sendable>(
+        as author: ChangeAuthor, _ body: @escaping @Sendable (inout StoreTransaction) throws(TabSyncError) -> Result
     ) async throws -> Result {
         let started = ContinuousClock.now
         switch await commitGate.enter(before: started + lockTimeout) {
@@ -311,201 +758,15 @@ public final class FileBackend: StorageBackend {
         let directoryHold = try await directoryLock.acquireWaking(timeout: lockTimeout - (ContinuousClock.now - started))
         defer { directoryHold.release() }
         return try await BlockingPool.shared.run { () throws(TabSyncError) -> Result in
-            try self.holdingLocks { () throws(TabSyncError) -> Result in try self.commitLocked(body) }
+            try self.holdingLocks { () throws(TabSyncError) -> Result in try self.commitLocked(author: author, body) }
         }
-    }
-
-    /// Reads the state under the commit lock, recovering a corrupt one. Returns the document,
-    /// the header line of the file it was read from (empty for a new one), and whether it must
-    /// be written even if unchanged.
-    private func readLocked() throws(TabSyncError) -> (StateDocument, ArraySlice<UInt8>, Bool) {
-        do {
-            let (document, header) = try read()
-            if document.storeID.isEmpty {
-                // None yet, or deleted: a new store, numbered on from the last one this process
-                // saw, so that readers' sequence numbers do not go back.
-                var fresh = StateDocument()
-                fresh.sequence = cache.withLock { $0.lastGood?.sequence } ?? 0
-                return (fresh, [], true)
-            }
-            return (document, header, false)
-        } catch where error.code == .corruptState {
-            return (try recover(from: error), [], true)
-        }
-    }
-
-    private func recover(from problem: TabSyncError) throws(TabSyncError) -> StateDocument {
-        var candidates: [(StateDocument, String)] = []
-        if let fd = try? directory.openExisting(previousName, flags: O_RDONLY) {
-            defer { close(fd) }
-            var info = stat()
-            if fstat(fd, &info) == 0, Int(info.st_size) <= maximumStateBytes,
-               let bytes = try? readAll(fd, count: Int(info.st_size), path: directory.path(of: previousName)),
-               let document = try? StateFileCodec.decode(bytes, path: directory.path(of: previousName)) {
-                candidates.append((document, "the previous generation"))
-            }
-        }
-        if let remembered = cache.withLock({ $0.lastGood }) {
-            candidates.append((remembered, "the last state this process read"))
-        }
-        let best = candidates.max { $0.0.sequence < $1.0.sequence }
-        let asideName = "\(stateName).corrupt-\(Int64(Date().timeIntervalSince1970 * 1000))"
-        if renameat(directory.descriptor, stateName, directory.descriptor, asideName) != 0 {
-            throw TabSyncError.system("renameat", .current, path: location)
-        }
-        var recovered = best?.0 ?? StateDocument()
-        recovered.storeID = StateDocument.newStoreID()
-        // A new store, so readers resynchronise whatever the number; it goes on counting unless
-        // it came from a file with a sequence number too large to count on from.
-        recovered.sequence = recovered.sequence < StateDocument.maximumSequence ? recovered.sequence + 1 : 1
-        recovered.journal = []
-        let source = best?.1 ?? "nothing (no valid earlier state; starting empty)"
-        recovered.recovery = "\(problem.message); moved it aside as \(asideName) and recovered from \(source)"
-        return recovered
-    }
-
-    /// Writes `document`, which was read from the file whose header line is `source`.
-    private func write(_ document: StateDocument, derivedFrom source: ArraySlice<UInt8>) throws(TabSyncError) {
-        // The memo helps only if it describes the file the document was read from (another
-        // thread may have read another file since); it is kept only once the new file is in
-        // place: after a failed write it would describe entries that were never committed.
-        var memo = cache.withLock { $0.memo }
-        if !memo.header.elementsEqual(source) { memo = StateBody.Memo() }
-        let bytes = StateFileCodec.encode(document, memo: &memo)
-        let temporaryPath = directory.path(of: temporaryName)
-        guard bytes.count <= maximumStateBytes else {
-            throw TabSyncError(
-                code: .stateTooLarge, path: location,
-                message: "The new state would have \(bytes.count) bytes, more than the limit of \(maximumStateBytes)")
-        }
-        // A writer killed mid-commit may have left a temporary file; it never became the state.
-        _ = unlinkat(directory.descriptor, temporaryName, 0)
-        let fd = try directory.openFile(temporaryName, flags: O_WRONLY | O_EXCL | O_TRUNC, create: true)
-        do throws(TabSyncError) {
-            var done = 0
-            while done < bytes.count {
-                done += try retrying("write", path: temporaryPath) {
-                    bytes.withUnsafeBytes { Glibc.write(fd, $0.baseAddress! + done, bytes.count - done) }
-                }
-            }
-            if durability != .none, fsync(fd) != 0 {
-                throw TabSyncError.system("fsync", .current, path: temporaryPath)
-            }
-        } catch {
-            close(fd)
-            _ = unlinkat(directory.descriptor, temporaryName, 0)
-            throw error
-        }
-        // Closed before the rename, so that readers, who watch the state file's name, get one
-        // event per commit (the rename's IN_MOVED_TO), not a second one for the close.
-        var temporary = stat()
-        let known = fstat(fd, &temporary) == 0
-        close(fd)
-        // Keep the generation being replaced, for recovery (unless its history was scrubbed).
-        _ = unlinkat(directory.descriptor, previousName, 0)
-        if !document.scrubbed {
-            _ = linkat(directory.descriptor, stateName, directory.descriptor, previousName, 0)
-        }
-        guard renameat(directory.descriptor, temporaryName, directory.descriptor, stateName) == 0 else {
-            let errno = Errno.current
-            _ = unlinkat(directory.descriptor, temporaryName, 0)
-            throw TabSyncError.system("renameat", errno, path: location)
-        }
-        // The identity of the file just renamed into place (the rename changed its ctime), so
-        // that the next commit and this process's own change notification find the document
-        // in the cache instead of decoding what was just encoded. Read by name, which is safe
-        // under the commit lock (nobody else renames), and checked to be the file written.
-        var info = stat()
-        let identity = known && fstatat(directory.descriptor, stateName, &info, AT_SYMLINK_NOFOLLOW) == 0
-            && info.st_ino == temporary.st_ino && info.st_dev == temporary.st_dev ? FileIdentity(info) : nil
-        var written = document
-        written.scrubbed = false  // not stored: a decoded document never has it
-        cache.withLock { [memo] cache in
-            cache.identity = identity
-            cache.document = identity == nil ? nil : written
-            cache.header = StateFileCodec.headerLine(bytes)
-            cache.lastGood = written
-            cache.memo = memo
-        }
-        if durability == .full, fsync(directory.descriptor) != 0 {
-            throw TabSyncError.system("fsync", .current, path: directory.path)
-        }
-    }
-
-    // MARK: The backend protocol
-
-    public func snapshot() throws(TabSyncError) -> StoreSnapshot {
-        let document = try load()
-        return StoreSnapshot(
-            values: document.values, position: StorePosition(store: document.storeID, sequence: document.sequence),
-            recovery: document.recovery)
-    }
-
-    public func changes(after position: StorePosition, waiting: Bool) throws(TabSyncError) -> StoreChanges? {
-        let document: StateDocument
-        if waiting {
-            document = try load()
-        } else {
-            guard let loaded = try loadWithoutRecovery() else { return nil }
-            document = loaded
-        }
-        return Self.changes(after: position, in: document)
-    }
-
-    /// The records of `document`'s journal after `position`, or a resync when it does not
-    /// reach back that far or is another store.
-    static func changes(after position: StorePosition, in document: StateDocument) -> StoreChanges {
-        guard !document.storeID.isEmpty else { return .missing }
-        // A reader that started before any store existed replays the first store's journal.
-        if position.store == document.storeID || position.store.isEmpty {
-            if document.sequence <= position.sequence { return .records([], store: document.storeID) }
-            if let entries = document.entries(after: position.sequence) { return .records(Array(entries), store: document.storeID) }
-        }
-        var origins: [String: String] = [:]
-        for entry in document.journal { if let key = entry.key { origins[key] = entry.origin } }
-        let snapshot = StoreSnapshot(
-            values: document.values, position: StorePosition(store: document.storeID, sequence: document.sequence),
-            recovery: document.recovery)
-        return .resync(snapshot, origins: origins)
-    }
-
-    public func commit<Result>(
-        as author: ChangeAuthor, _ body: (inout StoreTransaction) throws(TabSyncError) -> Result
-    ) throws(TabSyncError) -> Result {
-        let limits = journalLimits
-        return try commitDocument { document throws(TabSyncError) in
-            try Self.run(body, on: &document, as: author, limits: limits)
-        }
-    }
-
-    public func commit<Result: Sendable>(
-        as author: ChangeAuthor, _ body: @escaping @Sendable (inout StoreTransaction) throws(TabSyncError) -> Result
-    ) async throws -> Result {
-        let limits = journalLimits
-        return try await commitDocument { document throws(TabSyncError) in
-            try Self.run(body, on: &document, as: author, limits: limits)
-        }
-    }
-
-    /// Runs a transaction on `document` and records its changes in the journal.
-    private static func run<Result>(
-        _ body: (inout StoreTransaction) throws(TabSyncError) -> Result, on document: inout StateDocument,
-        as author: ChangeAuthor, limits: JournalLimits
-    ) throws(TabSyncError) -> Result {
-        var transaction = StoreTransaction(values: document.values, sequence: document.sequence, author: author)
-        let result = try body(&transaction)
-        for record in transaction.records {
-            document.record(key: record.key, newValue: record.newValue, origin: record.origin, instance: record.instance, limits: limits)
-        }
-        for key in transaction.scrubbedKeys.sorted() { document.scrubHistory(of: key) }
-        return result
     }
 
     // MARK: Watching and locks
 
     public func watch(_ handler: @escaping @Sendable (BackendSignal) -> Void) -> any WatchRegistration {
         let (id, detection) = ChangeWatcher.shared.register(
-            directory: directory, names: [stateName], events: ChangeWatcher.replacementEvents, pollInterval: pollInterval
+            directory: directory, names: [logName], events: ChangeWatcher.logEvents, pollInterval: pollInterval
         ) { signal in
             switch signal {
             case .changed: handler(.mayHaveChanged)

@@ -1,11 +1,10 @@
 import Foundation
 
-/// The whole shared state of one storage: its values, the sequence number of the last change,
-/// and a bounded journal of the most recent changes, so that a reader that was busy or missed
-/// a notification can replay exactly what it missed.
+/// The state of one storage as format 1 stored it in one file: its values, the sequence number
+/// of the last change, and a bounded journal of the most recent changes.
 ///
-/// The document is backend-neutral: the file backend stores it as described in docs/FORMAT.md,
-/// a database backend would store the same fields in rows.
+/// Format 2 keeps a log instead (docs/FORMAT.md); ``FileBackend`` reads a document once, to
+/// upgrade a directory, and ``FileBackend/load()`` gives tools the latest state in this shape.
 public struct StateDocument: Sendable, Hashable, Codable {
     /// A random identifier, new whenever the state is created from nothing or recovered.
     /// A reader that sees it change cannot replay the journal and resynchronises.
@@ -19,10 +18,6 @@ public struct StateDocument: Sendable, Hashable, Codable {
     /// Set when this store was created by recovering from a corrupt state file: what was found
     /// and what was recovered. Every reader that moves to this store reports it.
     public var recovery: String?
-    /// Set by ``scrubHistory(of:)``: the commit then drops the previous generation too.
-    /// Not stored.
-    public internal(set) var scrubbed = false
-
     enum CodingKeys: String, CodingKey {
         case storeID = "store"
         case sequence = "seq"
@@ -40,46 +35,6 @@ public struct StateDocument: Sendable, Hashable, Codable {
 
     public static func newStoreID() -> String {
         UUID().uuidString.lowercased()
-    }
-
-    /// Records one change: applies it to ``values``, gives it the next sequence number and
-    /// appends it to the journal, which is then trimmed to `limits`.
-    @discardableResult
-    mutating func record(key: String?, newValue: String?, origin: String, instance: String, limits: JournalLimits) -> UInt64 {
-        let oldValue: String?
-        if let key {
-            oldValue = values[key]
-            values[key] = newValue
-        } else {
-            oldValue = nil
-            values.removeAll()
-        }
-        sequence += 1
-        journal.append(JournalEntry(
-            sequence: sequence, key: key, oldValue: oldValue, newValue: newValue,
-            origin: origin, instance: instance, time: Int64(Date().timeIntervalSince1970 * 1000)))
-        limits.trim(&journal)
-        return sequence
-    }
-
-    /// Forgets the history of `key`: clears the old and new values of its journal entries
-    /// (but the newest entry's new value, which is the current one), and drops the previous
-    /// generation file when committed. For values that must not outlive their replacement,
-    /// such as tokens after a sign-out. Readers far behind then see those entries without values.
-    public mutating func scrubHistory(of key: String) {
-        let newest = journal.lastIndex { $0.key == key }
-        for index in journal.indices where journal[index].key == key || journal[index].key == nil {
-            journal[index].oldValue = nil
-            if index != newest { journal[index].newValue = nil }
-        }
-        scrubbed = true
-    }
-
-    /// The journal entries after `sequence`, or nil when the journal no longer reaches back that far.
-    func entries(after sequence: UInt64) -> ArraySlice<JournalEntry>? {
-        if sequence >= self.sequence { return [] }
-        guard let first = journal.first, first.sequence <= sequence + 1 else { return nil }
-        return journal[Int(sequence + 1 - first.sequence)...]
     }
 
     /// Checks the invariants a reader relies on. Returns a description of the first violation.
@@ -149,32 +104,18 @@ public struct JournalEntry: Sendable, Hashable, Codable {
     }
 }
 
-/// How much history the journal keeps. A reader that falls further behind than this
-/// resynchronises from a snapshot (see ``StorageEvent/isResync``).
+/// How much history a log keeps for readers that fall behind: at least the last
+/// `maximumEntries` changes (and about `maximumBytes` of log). Past twice either bound, the next
+/// commit compacts the log to a snapshot and that many changes. A reader further behind
+/// resynchronises (see ``StorageEvent/isResync``).
 public struct JournalLimits: Sendable, Hashable {
-    /// At most this many entries.
+    /// At least this many changes.
     public var maximumEntries: Int
-    /// At most about this many bytes of keys and values in the journal.
+    /// About this many bytes of log.
     public var maximumBytes: Int
 
-    public init(maximumEntries: Int = 512, maximumBytes: Int = 256 * 1024) {
+    public init(maximumEntries: Int = 10_000, maximumBytes: Int = 4 << 20) {
         self.maximumEntries = max(1, maximumEntries)
         self.maximumBytes = max(1, maximumBytes)
-    }
-
-    func trim(_ journal: inout [JournalEntry]) {
-        var excess = journal.count - maximumEntries
-        var bytes = 0
-        for entry in journal.reversed() {
-            bytes += (entry.key?.utf8.count ?? 0) + (entry.oldValue?.utf8.count ?? 0) + (entry.newValue?.utf8.count ?? 0) + 96
-        }
-        var index = 0
-        while index < journal.count - 1, excess > 0 || bytes > maximumBytes {
-            let entry = journal[index]
-            bytes -= (entry.key?.utf8.count ?? 0) + (entry.oldValue?.utf8.count ?? 0) + (entry.newValue?.utf8.count ?? 0) + 96
-            excess -= 1
-            index += 1
-        }
-        if index > 0 { journal.removeFirst(index) }
     }
 }

@@ -112,7 +112,12 @@ final class ChangeWatcher: Sendable {
     let overflowCount = Atomic<Int>(0)
 
     /// Everything the directory's watch reports about its files.
-    static let allFileEvents = UInt32(IN_MOVED_TO | IN_CLOSE_WRITE | IN_DELETE | IN_MOVED_FROM)
+    static let allFileEvents = UInt32(IN_MOVED_TO | IN_CLOSE_WRITE | IN_DELETE | IN_MOVED_FROM | IN_MODIFY)
+
+    /// A log appended to in place, replaced by rename, moved away or deleted: each append is one
+    /// write, so one `IN_MODIFY`. Not a close after writing: a child process forked while the
+    /// log is open (any `posix_spawn` or `Process` of the app) closes it at its `exec`.
+    static let logEvents = UInt32(IN_MODIFY | IN_MOVED_TO | IN_DELETE | IN_MOVED_FROM)
 
     /// A file replaced by rename, moved away or deleted; not a close after writing.
     ///

@@ -5,33 +5,93 @@ import Testing
 import Glibc
 #endif
 
-/// Checks a state file the way a reader in another language would (docs/FORMAT.md section 2),
-/// independently of TabSync's own decoder. Returns the decoded body, or throws what is wrong.
-struct StateFileReport {
+/// Checks a log the way a reader in another language would (docs/FORMAT.md section 2),
+/// independently of TabSync's own decoder: the header, then every record's length, CRC and
+/// sequence number. Returns the values after the last complete commit, or throws what is wrong.
+/// A torn tail (bytes after the last complete commit that are no record) is reported in `tail`.
+struct LogReport {
     let sequence: UInt64
     let values: [String: String]
+    /// Bytes after the last complete commit.
+    let tail: Int
 }
 
-func checkStateFile(_ path: String) throws -> StateFileReport {
+func checkLog(_ path: String) throws -> LogReport {
     guard let data = FileManager.default.contents(atPath: path) else { throw TestFailure("\(path): cannot be read") }
-    let bytes = [UInt8](data)
-    guard let newline = bytes.prefix(96).firstIndex(of: UInt8(ascii: "\n")) else { throw TestFailure("\(path): no header line (\(bytes.count) bytes)") }
-    let fields = String(decoding: bytes[..<newline], as: UTF8.self).split(separator: " ", omittingEmptySubsequences: false)
-    guard fields.count == 5, fields[0] == "tabsync-state", fields[1] == "1",
-          let sequence = UInt64(fields[2]), let length = Int(fields[3]), let crc = UInt32(fields[4], radix: 16)
-    else { throw TestFailure("\(path): malformed header \(fields)") }
-    let body = Array(bytes[(newline + 1)...])
-    guard body.count == length else { throw TestFailure("\(path): torn, body has \(body.count) of \(length) bytes") }
-    guard crc32(body) == crc else { throw TestFailure("\(path): checksum mismatch") }
-    guard let object = try JSONSerialization.jsonObject(with: Data(body)) as? [String: Any],
-          (object["seq"] as? NSNumber)?.uint64Value == sequence,
-          let values = object["values"] as? [String: String]
-    else { throw TestFailure("\(path): the body is not a state document with seq \(sequence)") }
-    return StateFileReport(sequence: sequence, values: values)
+    let b = [UInt8](data)
+    func u32(_ at: Int) -> UInt32 { UInt32(b[at]) | UInt32(b[at + 1]) << 8 | UInt32(b[at + 2]) << 16 | UInt32(b[at + 3]) << 24 }
+    func u64(_ at: Int) -> UInt64 { UInt64(u32(at)) | UInt64(u32(at + 4)) << 32 }
+    guard b.count >= 48, Array(b[0..<12]) == Array("TABSYNC-LOG\n".utf8), u32(12) == 2, crc32(Array(b[0..<44])) == u32(44) else {
+        throw TestFailure("\(path): no valid format 2 header (\(b.count) bytes)")
+    }
+    let salt = Array(b[20..<36])
+    var offset = 48, committed = 48
+    var sequence = u64(36), values: [String: String] = [:], pending: [(String?, String?)] = []
+    var first = true
+    func string(_ at: inout Int) -> String?? {
+        let length = u32(at)
+        at += 4
+        if length == 0xFFFF_FFFF { return .some(nil) }
+        defer { at += Int(length) }
+        return String(validating: b[at..<at + Int(length)], as: UTF8.self).map { .some($0) }
+    }
+    while b.count - offset >= 20 {
+        let length = Int(u32(offset))
+        guard offset + 20 + length <= b.count, crc32(salt + b[offset..<offset + 16 + length]) == u32(offset + 16 + length) else { break }
+        var at = offset + 16
+        if first {
+            guard u32(offset + 4) & 3 == 3, u64(offset + 8) == sequence else { throw TestFailure("\(path): the first record is not the snapshot") }
+            _ = string(&at); _ = string(&at)
+            let count = u32(at)
+            at += 4
+            for _ in 0..<count {
+                guard case let .some(.some(key)) = string(&at), case let .some(.some(value)) = string(&at) else { throw TestFailure("\(path): a bad snapshot entry") }
+                _ = string(&at)
+                values[key] = value
+            }
+            first = false
+            committed = offset + 20 + length
+        } else {
+            guard u64(offset + 8) == sequence + UInt64(pending.count) + 1, case let .some(key) = string(&at), case let .some(value) = string(&at) else {
+                throw TestFailure("\(path): a record out of sequence or malformed at byte \(offset)")
+            }
+            pending.append((key, value))
+            if u32(offset + 4) & 1 == 1 {
+                for (key, value) in pending { if let key { values[key] = value } else { values.removeAll() } }
+                sequence += UInt64(pending.count)
+                pending.removeAll()
+                committed = offset + 20 + length
+            }
+        }
+        offset += 20 + length
+    }
+    if first { throw TestFailure("\(path): no snapshot") }
+    return LogReport(sequence: sequence, values: values, tail: b.count - committed)
+}
+
+/// The sequence number of a log's snapshot (its header's `base`).
+func logBase(_ path: String) throws -> UInt64 {
+    guard let data = FileManager.default.contents(atPath: path), data.count >= 48 else { throw TestFailure("\(path): no header") }
+    return (0..<8).reduce(UInt64(0)) { $0 | UInt64(data[36 + $1]) << (8 * UInt64($1)) }
+}
+
+/// A format 2 log with `values` at `sequence` and no change records, encoded here again (not by
+/// the code under test), for lures and planted files.
+func logFile(values: [String: String], sequence: UInt64, store: String = "00000000-0000-0000-0000-00000000beef") -> [UInt8] {
+    func le32(_ v: UInt32) -> [UInt8] { (0..<4).map { UInt8(v >> (8 * $0) & 0xFF) } }
+    func le64(_ v: UInt64) -> [UInt8] { (0..<8).map { UInt8(v >> (8 * UInt64($0)) & 0xFF) } }
+    func string(_ s: String?) -> [UInt8] { s.map { le32(UInt32($0.utf8.count)) + Array($0.utf8) } ?? le32(0xFFFF_FFFF) }
+    let salt = [UInt8](repeating: 7, count: 16)
+    var header = Array("TABSYNC-LOG\n".utf8) + le32(2) + le32(0) + salt + le64(sequence)
+    header += le32(crc32(header))
+    var payload = string(store) + string(nil) + le32(UInt32(values.count))
+    for key in values.keys.sorted() { payload += string(key) + string(values[key]) + string(nil) }
+    let frame = le32(UInt32(payload.count)) + le32(3) + le64(sequence) + payload
+    return header + frame + le32(crc32(salt + frame))
 }
 
 /// CRC-32 (zlib's), written here again so that the check does not trust the code under test.
-func crc32(_ bytes: [UInt8]) -> UInt32 {
+func crc32(_ bytes: some Sequence<UInt8>) -> UInt32 {
     var crc: UInt32 = 0xFFFF_FFFF
     for byte in bytes {
         crc ^= UInt32(byte)

@@ -9,26 +9,27 @@ import Glibc
 /// forced and counted in TabSyncTests/WatcherOverflowTests, where the watcher thread can be held.)
 @Suite(.serialized, .timeLimit(.minutes(3)))
 struct InotifyTroubleTests {
-    /// One tab sleeps (SIGSTOP) while another commits far more changes than the journal keeps:
-    /// every notification of the burst is coalesced into the reads the tab makes when it wakes up.
+    /// One tab sleeps (SIGSTOP) while another commits far more changes than the log keeps (a
+    /// history of 100): every notification of the burst is coalesced into the reads the tab makes
+    /// when it wakes up.
     @Test func aTabPausedDuringABurstCatchesUpWithEveryKeyAndThenEveryChange() async throws {
         // tmpfs, so that the burst's fsyncs cost nothing.
         let base = FileManager.default.fileExists(atPath: "/dev/shm") ? "/dev/shm" : FileManager.default.temporaryDirectory.path
         let directory = "\(base)/tabsync-it-burst-\(UUID().uuidString.prefix(8))"
         defer { try? FileManager.default.removeItem(atPath: directory) }
-        let sleeper = try await launchTab(name: "sleeper", directory: directory)
-        let writer = try await launchTab(name: "writer", directory: directory)
+        let sleeper = try await launchTab(name: "sleeper", directory: directory, extra: ["--history", "100"])
+        let writer = try await launchTab(name: "writer", directory: directory, extra: ["--history", "100"])
         defer { sleeper.kill(SIGCONT); sleeper.stop(); writer.stop() }
 
         sleeper.kill(SIGSTOP)
-        let burst = 700  // more than the journal's 512 entries
+        let burst = 700  // more than the 100 to 200 changes the log keeps
         writer.send((1...burst).map { "set k\($0 % 10) \($0)" }.joined(separator: "\n"))
         try await writer.waitFor("the burst's replies", count: burst, timeout: .seconds(90)) { $0.type == "ok" }
         sleeper.kill(SIGCONT)
 
         // After waking, the sleeper converges on the final values of every key.
         let expected = Dictionary(uniqueKeysWithValues: (0..<10).map { key in ("k\(key)", String(burst - (burst - key) % 10)) })
-        // k9 comes last both in a resync (keys in order) and in a journal replay (value 699).
+        // k9 comes last both in a resync (keys in order) and in a replay of the log (value 699).
         try await sleeper.waitFor("k9's final value", timeout: .seconds(30)) { $0.type == "storage" && $0.string("key") == "k9" && $0.string("newValue") == expected["k9"] }
         var view: [String: String] = [:]
         for event in sleeper.storageEvents {
@@ -37,7 +38,7 @@ struct InotifyTroubleTests {
         #expect(view == expected)
         let sequences = sleeper.storageEvents.compactMap(\.seq)
         #expect(sequences == sequences.sorted(), "events never go back in sequence")
-        // The journal (512) does not reach back over 700 changes: the catch-up is a resync, and says so.
+        // The log (100 to 200 changes) does not reach back over 700: the catch-up is a resync, and says so.
         let resync = sleeper.storageEvents.filter { $0["resync"] as? Bool == true }
         #expect(!resync.isEmpty && resync.allSatisfy { $0.seq == burst }, "resync events, all at the newest seq: \(resync.prefix(3))")
 
@@ -113,9 +114,9 @@ struct InotifyTroubleTests {
 
         hog.stop()
         try await hog.waitForExit()
-        // A new storage appears (a copy of a valid state file, nobody's, 0600).
-        let copy = "\(directory)/extra.state"
-        try Data(contentsOf: URL(fileURLWithPath: "\(directory)/app.state")).write(to: URL(fileURLWithPath: copy))
+        // A new storage appears (a copy of a valid log, nobody's, 0600).
+        let copy = "\(directory)/extra.log"
+        try Data(contentsOf: URL(fileURLWithPath: "\(directory)/app.log")).write(to: URL(fileURLWithPath: copy))
         #expect(chmod(copy, 0o600) == 0 && chown(copy, 65534, 65534) == 0)
         try await watch.waitFor("the new storage") { $0.type == "storageFound" && $0.string("storage") == "extra" }
         let deadline = ContinuousClock.now + .seconds(20)

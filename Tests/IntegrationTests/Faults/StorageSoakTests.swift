@@ -14,7 +14,7 @@ import Glibc
 /// - in every process, `storage` events have strictly increasing sequence numbers, and the
 ///   sequence numbers of its own commits never decrease;
 /// - no command fails and no process reports an error;
-/// - at the end every process reads the same value for every key, equal to the state file.
+/// - at the end every process reads the same value for every key, equal to the log.
 ///
 /// ### Adding operations
 /// Append an ``Operation`` to ``operations``: a name, a weight, the command line it sends, and
@@ -87,13 +87,13 @@ struct StorageSoakTests {
         for tab in tabs.dropFirst() {
             try await tab.waitForEvent(sequence: finalSequence, timeout: .seconds(60))
         }
-        // Every process reads the same state, which is the state file's.
-        let file = try checkStateFile("\(directory)/app.state")
+        // Every process reads the same state, which is the log's.
+        let file = try checkLog("\(directory)/app.log")
         #expect(file.sequence == UInt64(finalSequence))
         for tab in tabs {
             for key in (0..<Self.keys).map({ "k\($0)" }) + ["done"] {
                 let reply = try await tab.command("get \(key)")
-                #expect(reply.value == file.values[key], "\(tab.name) reads \(key) as in the state file")
+                #expect(reply.value == file.values[key], "\(tab.name) reads \(key) as in the log")
             }
         }
         for tab in tabs {

@@ -11,15 +11,8 @@ import Glibc
 struct WriteFailureTests {
     @Test(.enabled(if: canMountTmpfs, "mounting a tmpfs needs root and a container that allows mount(2)"))
     func aFullFileSystemFailsTheCommitKeepsTheStateAndRecoversWhenSpaceIsBack() async throws {
-        let mountPoint = temporaryDirectory("tmpfs")
-        try #require(mkdir(mountPoint, 0o700) == 0)
-        defer { rmdir(mountPoint) }
-        try #require(shell("mount -t tmpfs -o size=512k,mode=0700 tmpfs '\(mountPoint)'") == 0, "mount a 512 KiB tmpfs on \(mountPoint)")
-        defer { shell("umount -l '\(mountPoint)'") }
-        // Never fill anything but the small file system just mounted.
-        var fileSystem = statvfs()
-        try #require(statvfs(mountPoint, &fileSystem) == 0)
-        try #require(Int(fileSystem.f_blocks) * Int(fileSystem.f_frsize) <= 1 << 20, "\(mountPoint) is the small tmpfs")
+        let mountPoint = try Self.mountSmallTmpfs("tmpfs")
+        defer { Self.unmount(mountPoint) }
         let directory = "\(mountPoint)/session"
         let writer = try await launchTab(name: "writer", directory: directory)
         let reader = try await launchTab(name: "reader", directory: directory)
@@ -27,25 +20,21 @@ struct WriteFailureTests {
         let committed = try await writer.command("set k before")
         #expect(committed.type == "ok")
         try await reader.waitFor("the first change") { $0.type == "storage" && $0.string("key") == "k" }
-        let before = try checkStateFile("\(directory)/app.state")
+        let before = try checkLog("\(directory)/app.log")
 
         // Fill every remaining page of the file system.
         let filler = "\(mountPoint)/filler"
-        let fd = open(filler, O_WRONLY | O_CREAT | O_TRUNC, 0o600)
-        #expect(fd >= 0)
-        let chunk = [UInt8](repeating: 0x55, count: 4096)
-        var filled = 0
-        while filled < 1 << 20, case let written = write(fd, chunk, chunk.count), written > 0 { filled += written }
-        #expect(errno == ENOSPC, "the tmpfs is full after \(filled) bytes")
-        close(fd)
+        Self.fill(filler)
 
         // The commit fails with a clear error naming the file it could not write.
         let failed = try await writer.command("set k \(String(repeating: "x", count: 8192))")
         #expect(failed.type == "error")
         #expect(failed.string("code") == "storageFull")
         #expect(failed.string("message")?.contains(directory) == true, "the message names the path: \(failed)")
-        // The previous state is intact and readable, by the writer and by the other process.
-        #expect(try checkStateFile("\(directory)/app.state").values == before.values)
+        // The previous state is intact and readable, by the writer and by the other process; the
+        // failed append left no tail.
+        let after = try checkLog("\(directory)/app.log")
+        #expect(after.values == before.values && after.tail == 0)
         #expect(try await writer.command("get k").string("value") == "before")
         #expect(try await reader.command("get k").string("value") == "before")
         // The other process keeps running and sees no change that did not happen.
@@ -58,6 +47,79 @@ struct WriteFailureTests {
         #expect(again.type == "ok")
         #expect(again.seq == 2)
         try await reader.waitFor("the change after space came back") { $0.type == "storage" && $0.string("newValue") == "after" }
-        #expect(!FileManager.default.fileExists(atPath: "\(directory)/app.state.tmp"))
+        #expect(!FileManager.default.fileExists(atPath: "\(directory)/app.log.tmp"))
+    }
+
+    /// The same full file system, while the log is compacted (every 8 changes with a history of
+    /// 4): a commit fails cleanly or goes in, and a compaction that cannot write its new
+    /// generation leaves the log as it was. Nothing acknowledged is lost, and once space is back
+    /// the log is compacted again.
+    @Test(.enabled(if: canMountTmpfs, "mounting a tmpfs needs root and a container that allows mount(2)"))
+    func aFullFileSystemDuringCompactionsLosesNoAcknowledgedChange() async throws {
+        let mountPoint = try Self.mountSmallTmpfs("tmpfs-compaction")
+        defer { Self.unmount(mountPoint) }
+        let directory = "\(mountPoint)/session"
+        let writer = try await launchTab(name: "writer", directory: directory, extra: ["--history", "4"])
+        let reader = try await launchTab(name: "reader", directory: directory, extra: ["--history", "4"])
+        defer { writer.stop(); reader.stop() }
+        // A log of a few pages, so that an append often fits in its last page while a new
+        // generation (a new file) needs pages of its own.
+        let value = String(repeating: "v", count: 1500)
+        for index in 0..<6 { #expect(try await writer.command("set k\(index) \(value)").type == "ok") }
+
+        let filler = "\(mountPoint)/filler"
+        Self.fill(filler)
+
+        var acknowledged: [String: String] = [:]
+        for index in 0..<40 {
+            let reply = try await writer.command("set small\(index % 3) \(index)")
+            if reply.type == "ok" {
+                acknowledged["small\(index % 3)"] = "\(index)"
+            } else {
+                #expect(reply.string("code") == "storageFull", "only a full disk fails a commit: \(reply)")
+            }
+        }
+        #expect(unlink(filler) == 0)
+        #expect(try await writer.command("set done yes").type == "ok")
+        try await reader.waitFor("the last change") { $0.type == "storage" && $0.string("key") == "done" }
+        let log = try checkLog("\(directory)/app.log")
+        for (key, value) in acknowledged { #expect(log.values[key] == value, "\(key) holds its last acknowledged value") }
+        for (key, value) in acknowledged { #expect(try await reader.command("get \(key)").string("value") == value) }
+        #expect(reader.unsolicitedErrors.isEmpty, "\(reader.unsolicitedErrors.prefix(3))")
+        #expect(!FileManager.default.fileExists(atPath: "\(directory)/app.log.tmp"))
+        // Compacted again: no more than the snapshot and twice the history of 4 changes.
+        #expect(log.sequence - (try logBase("\(directory)/app.log")) <= 8)
+    }
+
+    /// A 512 KiB tmpfs on a new directory; checked to be that small, so that nothing else is ever filled.
+    static func mountSmallTmpfs(_ name: String) throws -> String {
+        let mountPoint = temporaryDirectory(name)
+        try #require(mkdir(mountPoint, 0o700) == 0)
+        guard shell("mount -t tmpfs -o size=512k,mode=0700 tmpfs '\(mountPoint)'") == 0 else {
+            rmdir(mountPoint)
+            throw TestFailure("could not mount a 512 KiB tmpfs on \(mountPoint)")
+        }
+        var fileSystem = statvfs()
+        guard statvfs(mountPoint, &fileSystem) == 0, Int(fileSystem.f_blocks) * Int(fileSystem.f_frsize) <= 1 << 20 else {
+            unmount(mountPoint)
+            throw TestFailure("\(mountPoint) is not the small tmpfs")
+        }
+        return mountPoint
+    }
+
+    static func unmount(_ mountPoint: String) {
+        shell("umount -l '\(mountPoint)'")
+        rmdir(mountPoint)
+    }
+
+    /// Fills every remaining page of the file system with `filler`.
+    static func fill(_ filler: String) {
+        let fd = open(filler, O_WRONLY | O_CREAT | O_TRUNC, 0o600)
+        #expect(fd >= 0)
+        let chunk = [UInt8](repeating: 0x55, count: 4096)
+        var filled = 0
+        while filled < 1 << 20, case let written = write(fd, chunk, chunk.count), written > 0 { filled += written }
+        #expect(errno == ENOSPC, "the tmpfs is full after \(filled) bytes")
+        close(fd)
     }
 }
