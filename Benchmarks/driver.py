@@ -3,7 +3,8 @@
 results/results.json. Started by Benchmarks/run, which builds what it needs first.
 
 Each measured party is its own process: `tabsync-bench ROLE` (Swift, TabSync) or `raw ROLE`
-(C, the raw pattern, baseline/raw.c). This script only starts them, waits and aggregates.
+(C, baseline/raw.c: the rename pattern, "raw", or with --log the append-only log, "rawlog").
+This script only starts them, waits and aggregates.
 """
 import argparse
 import datetime
@@ -53,12 +54,13 @@ class Run:
         self.changes = 200 if args.quick else 2000
         self.warmup = 20 if args.quick else 50
         self.poll_changes = 30 if args.quick else 200
-        self.fill = 600  # more than the journal's 512 entries: every run measures a full journal
+        self.fill = 600  # a storage in use: a history of 600 changes before the measured ones
         self.counter = 0
         self.tmpfs_root = f"/dev/shm/tabsync-bench-{os.getpid()}"
         self.disk_root = os.path.join(RESULTS, "tmp", f"run-{os.getpid()}")
-        self.results = {"propagation": [], "polling": [], "throughput": [], "idle": [], "storm": [], "journal": [], "postgres": []}
+        self.results = {"propagation": [], "polling": [], "throughput": [], "idle": [], "storm": [], "retention": [], "postgres": []}
         self.journal_entries = None
+        self.fill_changes = None
 
     def fresh_dir(self, root):
         self.counter += 1
@@ -77,13 +79,14 @@ class Run:
     def fsync_option(self, impl, fsync):
         if impl == "tabsync":
             return ["--durability", "file" if fsync else "none"]
-        return ["--fsync"] if fsync else []
+        return (["--log"] if impl == "rawlog" else []) + (["--fsync"] if fsync else [])
 
     def prefill(self, impl, directory, fsync):
         if impl != "tabsync":
             return
-        subprocess.run(self.command(impl) + ["fill", "--dir", directory, "--changes", str(self.fill)] + self.durability(impl, fsync),
-                       check=True, timeout=300)
+        changes = self.fill_changes or self.fill
+        subprocess.run(self.command(impl) + ["fill", "--dir", directory, "--changes", str(changes)] + self.durability(impl, fsync),
+                       check=True, timeout=600)
 
     # 1. Propagation latency, and the polling reader.
     def planned_changes(self, impl, fs, fsync, readers):
@@ -137,6 +140,15 @@ class Run:
         result = summary(pooled)
         result["all_p99_us"] = summary(last)["p99_us"]
         result["seconds"] = elapsed
+        # CPU time per delivered change per reader (the whole reader process: start-up and the
+        # warm-up included), where the readers report it.
+        cpu = []
+        for out in outs:
+            if os.path.exists(out + ".cpu"):
+                with open(out + ".cpu") as handle:
+                    cpu.append(int(handle.read().strip()) / total)
+        if cpu:
+            result["cpu_us_per_change"] = statistics.mean(cpu) / 1000
         return result
 
     # 7. PostgreSQL (TabSyncPostgres) next to the bare baseline (pgbare.c: INSERT + NOTIFY, a
@@ -194,7 +206,7 @@ class Run:
             os.makedirs(root, mode=0o700, exist_ok=True)
             for fsync in (False, True):
                 for readers in (1, 4, 16, 64):
-                    for impl in ("tabsync", "raw"):
+                    for impl in ("tabsync", "raw", "rawlog"):
                         log(f"propagation {impl} {fs} fsync={fsync} N={readers}")
                         changes = self.planned_changes(impl, fs, fsync, readers)
                         result = self.propagation(impl, root, fsync, readers, changes=changes)
@@ -208,26 +220,27 @@ class Run:
             self.results["polling"].append(result)
             log(f"  p50 {result['p50_us']:.0f} us  p99 {result['p99_us']:.0f} us")
 
-    # 6. Where the time goes: the same propagation with smaller journals.
-    def run_journal(self):
-        for entries in (64, 8):
-            for readers in (1, 16):
-                log(f"journal of {entries} entries: propagation tabsync tmpfs N={readers}")
-                self.journal_entries = entries
-                try:
-                    result = self.propagation("tabsync", self.tmpfs_root, False, readers)
-                finally:
-                    self.journal_entries = None
-                result.update({"impl": "tabsync", "fs": "tmpfs", "fsync": False, "readers": readers, "journal": entries})
-                self.results["journal"].append(result)
-                log(f"  p50 {result['p50_us']:.0f} us  p99 {result['p99_us']:.0f} us")
+    # 6. Retention: the same propagation with a log that keeps 100 or 10,000 changes (and holds
+    # as many: filled with 1.2 times that first, no compaction yet). Goal: within 10 %.
+    def run_retention(self):
+        for entries in (100, 10000):
+            readers = 16
+            log(f"retention of {entries} changes: propagation tabsync tmpfs N={readers}")
+            self.journal_entries, self.fill_changes = entries, entries * 6 // 5
+            try:
+                result = self.propagation("tabsync", self.tmpfs_root, False, readers)
+            finally:
+                self.journal_entries, self.fill_changes = None, None
+            result.update({"impl": "tabsync", "fs": "tmpfs", "fsync": False, "readers": readers, "retained": entries})
+            self.results["retention"].append(result)
+            log(f"  p50 {result['p50_us']:.0f} us  p99 {result['p99_us']:.0f} us")
 
     # 3. Commit throughput.
     def run_throughput(self):
         seconds = 1 if self.args.quick else 3
         for fs, root, fsync in (("tmpfs", self.tmpfs_root, False), ("disk", self.disk_root, True)):
             for writers in (1, 4):
-                for impl in ("tabsync", "raw"):
+                for impl in ("tabsync", "raw", "rawlog"):
                     directory = self.fresh_dir(root)
                     self.prefill(impl, directory, fsync)
                     start_at = time.monotonic_ns() + 1_000_000_000
@@ -532,7 +545,7 @@ def main():
     parser.add_argument("--tab", required=True)
     parser.add_argument("--devtoken", required=True)
     parser.add_argument("--quick", action="store_true", help="fewer changes and rounds; for trying the benchmark, not for publishing")
-    parser.add_argument("--only", default="propagation,throughput,idle,storm,journal,postgres")
+    parser.add_argument("--only", default="propagation,throughput,idle,storm,retention,postgres")
     parser.add_argument("--pgbare", help="the bare PostgreSQL baseline (Benchmarks/baseline/pgbare.c)")
     parser.add_argument("--postgres-url", help="the PostgreSQL server for the postgres section (Benchmarks/run starts one)")
     parser.add_argument("--postgres-conninfo", help="the same server as a libpq conninfo, for pgbare")
@@ -556,8 +569,8 @@ def main():
             run.run_throughput()
         if "propagation" in steps:
             run.run_propagation()
-        if "journal" in steps:
-            run.run_journal()
+        if "retention" in steps:
+            run.run_retention()
         if "postgres" in steps:
             run.run_postgres()
     finally:

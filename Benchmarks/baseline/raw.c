@@ -1,6 +1,9 @@
-// The raw pattern that TabSync is measured against: flock, read the state, write a temporary
-// file, rename it over the state, and let readers wake up through inotify (or poll with stat).
-// No journal, no checksum, no JSON: the physical limit of "one file shared by processes".
+// The raw patterns that TabSync is measured against, the physical limits of "one file shared by
+// processes", with no checksum and no encoding:
+// - rename (the default): flock, read the state, write a temporary file, rename it over the
+//   state, and let readers wake up through inotify IN_MOVED_TO (or poll with stat);
+// - append-only log (--log): flock, pwrite one 16-byte record (seq, stamp) at the end, and let
+//   readers wake up through inotify IN_MODIFY and pread from their own offset.
 //
 // Roles (the same as tabsync-bench's, see Benchmarks/README.md):
 //   raw writer     --dir D --ack FIFO --readers N --changes K [--fsync] [--gap-us MAX]
@@ -8,6 +11,7 @@
 //   raw poller     --dir D --ack FIFO --changes K --out FILE      (stat every 100 ms)
 //   raw idle       --dir D [--poll]                               (watch until killed)
 //   raw throughput --dir D --start-at MONO_NS --seconds S [--fsync]
+// (each with --log for the append-only log). A reader also writes its CPU time to FILE.cpu.
 //
 // The state file holds one line, "SEQ STAMP\n", where STAMP is CLOCK_MONOTONIC in
 // nanoseconds taken just before the commit. A reader's sample is its delivery time minus STAMP.
@@ -22,6 +26,7 @@
 #include <string.h>
 #include <sys/file.h>
 #include <sys/inotify.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -29,11 +34,12 @@
 #define STATE "raw.state"
 #define TEMP "raw.state.tmp"
 #define LOCK "raw.lock"
+#define LOG "raw.log"
 
 static const char *dir, *ack_path, *out_path;
 static long readers = 1, changes = 0, seconds = 0, gap_us = 0;
 static int64_t start_at = 0;
-static int do_fsync = 0, do_poll = 0;
+static int do_fsync = 0, do_poll = 0, do_log = 0;
 
 static void die(const char *what) {
     fprintf(stderr, "raw: %s: %s\n", what, strerror(errno));
@@ -119,6 +125,40 @@ static uint64_t commit(int dirfd, int lockfd) {
     return seq;
 }
 
+/// One commit to the log: lock, one record at the end, (fdatasync), unlock.
+static uint64_t commit_log(int logfd, int lockfd) {
+    int64_t stamp = now_ns();
+    while (flock(lockfd, LOCK_EX) != 0) {
+        if (errno != EINTR) die("flock");
+    }
+    struct stat info;
+    if (fstat(logfd, &info) != 0) die("fstat log");
+    int64_t record[2] = {info.st_size / 16 + 1, stamp};
+    if (pwrite(logfd, record, sizeof record, info.st_size) != (ssize_t)sizeof record) die("pwrite");
+    if (do_fsync && fdatasync(logfd) != 0) die("fdatasync");
+    flock(lockfd, LOCK_UN);
+    return (uint64_t)record[0];
+}
+
+static int open_log(int dirfd) {
+    int fd = openat(dirfd, LOG, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    if (fd < 0) die("open log");
+    return fd;
+}
+
+static void write_cpu(void) {
+    struct rusage usage;
+    getrusage(RUSAGE_SELF, &usage);
+    int64_t ns = ((int64_t)usage.ru_utime.tv_sec + usage.ru_stime.tv_sec) * 1000000000LL
+        + ((int64_t)usage.ru_utime.tv_usec + usage.ru_stime.tv_usec) * 1000;
+    char path[PATH_MAX];
+    snprintf(path, sizeof path, "%s.cpu", out_path);
+    FILE *out = fopen(path, "w");
+    if (!out) die("open cpu");
+    fprintf(out, "%" PRId64 "\n", ns);
+    fclose(out);
+}
+
 static int open_dir(void) {
     int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     if (fd < 0) die("open dir");
@@ -137,8 +177,9 @@ static int role_writer(void) {
     if (ack < 0) die("open ack");
     char *bytes = malloc((size_t)readers);
     read_exact(ack, bytes, (size_t)readers);  // every reader is watching
+    int logfd = do_log ? open_log(dirfd) : -1;
     for (long i = 0; i < changes; i++) {
-        commit(dirfd, lockfd);
+        if (do_log) commit_log(logfd, lockfd); else commit(dirfd, lockfd);
         read_exact(ack, bytes, (size_t)readers);  // every reader delivered it
         // A random pause, so that a polling reader's 100 ms ticks do not lock on to the commits.
         if (gap_us > 0) sleep_ns((int64_t)(random() % (gap_us + 1)) * 1000);
@@ -172,7 +213,49 @@ static int open_ack_ready(void) {
     return ack;
 }
 
+/// The log reader: wakes at IN_MODIFY and reads the records after its offset.
+static int role_log_reader(void) {
+    int dirfd = open_dir(), logfd = open_log(dirfd);
+    int inotify = inotify_init1(IN_CLOEXEC);
+    if (inotify < 0) die("inotify_init1");
+    if (inotify_add_watch(inotify, dir, IN_MODIFY) < 0) die("inotify_add_watch");
+    int64_t *samples = calloc((size_t)(changes > 0 ? changes : 1), sizeof(int64_t));
+    long count = 0;
+    struct stat info;
+    if (fstat(logfd, &info) != 0) die("fstat log");
+    off_t offset = info.st_size - info.st_size % 16;
+    int ack = open_ack_ready();
+    char events[4096] __attribute__((aligned(__alignof__(struct inotify_event))));
+    int64_t records[256][2];
+    while (changes == 0 || count < changes) {
+        ssize_t n = read(inotify, events, sizeof events);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            die("read inotify");
+        }
+        int relevant = 0;
+        for (char *p = events; p < events + n;) {
+            struct inotify_event *event = (struct inotify_event *)p;
+            if (event->len > 0 && strcmp(event->name, LOG) == 0) relevant = 1;
+            p += sizeof(struct inotify_event) + event->len;
+        }
+        if (!relevant || changes == 0) continue;
+        for (;;) {
+            ssize_t got = pread(logfd, records, sizeof records, offset);
+            if (got < 0) die("pread");
+            long complete = got / 16;
+            for (long i = 0; i < complete && count < changes; i++) count = deliver(samples, count, records[i][1], ack);
+            offset += complete * 16;
+            if (got < (ssize_t)sizeof records) break;
+        }
+    }
+    write_samples(samples, count);
+    write_cpu();
+    return 0;
+}
+
 static int role_reader(void) {
+    if (do_log) return role_log_reader();
     int dirfd = open_dir();
     int inotify = inotify_init1(IN_CLOEXEC);
     if (inotify < 0) die("inotify_init1");
@@ -203,6 +286,7 @@ static int role_reader(void) {
         }
     }
     write_samples(samples, count);
+    write_cpu();
     return 0;
 }
 
@@ -233,8 +317,9 @@ static int role_throughput(void) {
     int64_t end = start_at + seconds * 1000000000LL;
     long count = 0;
     int64_t now;
+    int logfd = do_log ? open_log(dirfd) : -1;
     while ((now = now_ns()) < end) {
-        commit(dirfd, lockfd);
+        if (do_log) commit_log(logfd, lockfd); else commit(dirfd, lockfd);
         count++;
     }
     printf("%ld %" PRId64 "\n", count, now - start_at);
@@ -252,6 +337,7 @@ int main(int argc, char **argv) {
         const char *value = i + 1 < argc ? argv[i + 1] : NULL;
         if (strcmp(arg, "--fsync") == 0) { do_fsync = 1; continue; }
         if (strcmp(arg, "--poll") == 0) { do_poll = 1; continue; }
+        if (strcmp(arg, "--log") == 0) { do_log = 1; continue; }
         if (!value) { fprintf(stderr, "raw: %s needs a value\n", arg); return 2; }
         i++;
         if (strcmp(arg, "--dir") == 0) dir = value;

@@ -215,7 +215,7 @@ struct FileReport {
                 let fate = probe.secret ? "deletes it (it holds secrets)" : "moves it aside as \(name).corrupt-TIME"
                 warnings.append("\(probe.summary): the next TabSync process that reads it \(fate) and recovers every record that still checks, in a new store")
             case .corrupt:
-                warnings.append("\(probe.summary): the next TabSync process that reads it starts a new store in its place, and moves it aside as \(name).corrupt-TIME (or deletes it, when it knew it as a log that holds secrets)")
+                warnings.append("\(probe.summary): the next TabSync process that reads it starts a new store in its place; one that had read this log before moves it aside as \(name).corrupt-TIME (or deletes it, when it holds secrets), and one that had not deletes it, since it cannot tell whether it holds secrets")
             case .unsupportedVersion, .tooLarge, .refused, .unreadable:
                 refusals.append(probe.summary)
             }

@@ -12,8 +12,8 @@ public struct StorageEvent: Sendable, Hashable {
     public var origin: String
     /// The change's sequence number. Events arrive in strictly increasing sequence order.
     public var sequence: UInt64
-    /// True when this event was computed from a snapshot difference, because the journal no
-    /// longer reached back to the last change this instance had delivered (or the state was
+    /// True when this event was computed from a snapshot difference, because the history no
+    /// longer reached back to the last change this instance had delivered (or the store was
     /// recovered). Each changed key then gets one event with its current value.
     public var isResync: Bool
     /// True when this instance made the change (only seen with `includingOwnChanges`).
@@ -58,7 +58,7 @@ public enum TransactionError<Failure: Error>: Error, CustomStringConvertible {
 /// Everything a storage reports: changes, problems, and how changes are detected.
 public enum StorageNotification: Sendable {
     case change(StorageEvent)
-    /// Something went wrong outside any call: the state file was found corrupt (and perhaps
+    /// Something went wrong outside any call: the stored state was found damaged (and perhaps
     /// recovered), is of a newer version, or could not be read.
     case problem(TabSyncError)
     /// Change detection moved, for example to polling because inotify failed.
@@ -80,7 +80,7 @@ public enum StorageNotification: Sendable {
 /// - Reads see the latest committed state. Every mutation is an atomic read-modify-write under
 ///   an exclusive lock, so concurrent writers in any processes never lose each other's changes.
 /// - Each change gets a sequence number. Every other instance delivers every change exactly once,
-///   in sequence order; one that fell behind the journal gets a resynchronisation
+///   in sequence order; one that fell behind the history gets a resynchronisation
 ///   (``StorageEvent/isResync``) instead of silent loss.
 /// - No event is delivered to the instance that made a change (unless asked), and a `set` that
 ///   leaves the value unchanged commits nothing and raises no event.
@@ -91,11 +91,12 @@ public enum StorageNotification: Sendable {
 public final class SharedStorage: Sendable {
     /// Settings for a storage on a session directory.
     public struct Options: Sendable {
-        /// fsync policy of commits.
+        /// How hard commits work to survive a power loss.
         public var durability: Durability = .file
-        /// A state file larger than this is refused.
+        /// A log (or a commit that would make it) larger than this is refused.
         public var maximumStateBytes: Int = 16 << 20
-        /// How much history is kept for readers that fall behind.
+        /// How much history the log keeps for readers that fall behind (it is compacted past
+        /// twice as much).
         public var journalLimits = JournalLimits()
         /// The polling interval, used only when inotify cannot serve.
         public var pollInterval: Duration = .milliseconds(250)
@@ -494,8 +495,8 @@ public final class SharedStorage: Sendable {
         let delivered: (events: [StorageEvent], subscribers: [Subscriber])
         switch changes {
         case .missing:
-            // Deleted by someone (a missing store is looked at under the commit lock, so this is
-            // no recovery in progress). No change to deliver: the next commit creates a new
+            // Deleted by someone (a log is never missing while it is replaced: a new generation
+            // is renamed over it). No change to deliver: the next commit creates a new
             // store, and this instance resynchronises to it then. Delivering it as "every key
             // removed" would send the sequence number back to 0.
             if !position.store.isEmpty {

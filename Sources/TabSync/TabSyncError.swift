@@ -38,11 +38,12 @@ public struct TabSyncError: Error, Sendable, Hashable, CustomStringConvertible {
         public static let insecurePath = Code(kind: .insecurePath)
         /// A FIFO, device, socket or directory stands where a regular file belongs.
         public static let notRegularFile = Code(kind: .notRegularFile)
-        /// The state file is not a valid TabSync state file (garbage, truncated, bad checksum).
+        /// The stored state is damaged: a log that is not a TabSync log, has a record that does not
+        /// check before valid ones, or went back in sequence (garbage, truncated, bit flips).
         public static let corruptState = Code(kind: .corruptState)
-        /// The state file was written by a newer, incompatible format version.
+        /// The log (or a state file) was written by a newer, incompatible format version.
         public static let unsupportedVersion = Code(kind: .unsupportedVersion)
-        /// The state file is larger than ``SharedStorage/Options/maximumStateBytes``.
+        /// The log is larger than ``SharedStorage/Options/maximumStateBytes``.
         public static let stateTooLarge = Code(kind: .stateTooLarge)
         /// No space left (ENOSPC, EDQUOT) or the file size limit was hit (EFBIG).
         public static let storageFull = Code(kind: .storageFull)

@@ -160,7 +160,7 @@ public final class AuthSession: Sendable {
     }
 
     /// Commits a change to the record under the commit lock; `body` sees the latest record.
-    /// A record that signs out scrubs the tokens from the journal and the previous generation.
+    /// A change that replaces or removes a token scrubs the record's history (see `apply`).
     @discardableResult
     private func change<Result>(_ body: (inout SessionRecord) throws(AuthError) -> Result) throws(AuthError) -> Result {
         var failure: AuthError?

@@ -168,7 +168,17 @@ func reader(_ options: Options) async {
     guard FileManager.default.createFile(atPath: required(options.out, "--out"), contents: Data(text.utf8)) else {
         fail("cannot write \(options.out!)")
     }
+    writeCPUTime(to: options.out! + ".cpu")
     storage.close()
+}
+
+/// The process's CPU time so far (user and system, nanoseconds), for the CPU cost per change.
+func writeCPUTime(to path: String) {
+    var usage = rusage()
+    getrusage(RUSAGE_SELF.rawValue, &usage)
+    let nanoseconds = (Int64(usage.ru_utime.tv_sec) + Int64(usage.ru_stime.tv_sec)) * 1_000_000_000
+        + (Int64(usage.ru_utime.tv_usec) + Int64(usage.ru_stime.tv_usec)) * 1000
+    _ = FileManager.default.createFile(atPath: path, contents: Data("\(nanoseconds)\n".utf8))
 }
 
 func idle(_ options: Options) async {

@@ -8,12 +8,12 @@ import Glibc
 /// How hard a commit works to survive a power loss. Any setting survives a killed process: a
 /// commit is one append of self-checking records, and a torn one is never read.
 public enum Durability: String, Sendable, Hashable, CaseIterable {
-    /// No fsync. A power loss may lose recent commits (a torn tail is cut, never read).
+    /// No sync. A power loss may lose recent commits (a torn tail is cut, never read).
     case none
-    /// `fdatasync` of the log after each append (the default).
+    /// `fdatasync` of the log after each append, and `fsync` of the directory whenever a new
+    /// generation is renamed into place (the default): a commit that returned survives a power loss.
     case file
-    /// As `file`, and `fsync` of the directory whenever a new generation is renamed into place:
-    /// a commit that returned survives a power loss.
+    /// As `file`, with `fsync` instead of `fdatasync`: the log's metadata (its times) too.
     case full
 }
 
@@ -496,9 +496,12 @@ public final class FileBackend: StorageBackend {
                         bytes.withUnsafeBytes { pwrite(generation.descriptor, $0.baseAddress! + done, bytes.count - done, off_t(view.offset + done)) }
                     }
                 }
-                if durability != .none, fdatasync(generation.descriptor) != 0 {
-                    throw TabSyncError.system("fdatasync", .current, path: location)
+                let synced: Int32 = switch durability {
+                case .none: 0
+                case .file: fdatasync(generation.descriptor)
+                case .full: fsync(generation.descriptor)
                 }
+                if synced != 0 { throw TabSyncError.system(durability == .full ? "fsync" : "fdatasync", .current, path: location) }
             } catch {
                 // Nothing of a failed append stays: the log ends at its last commit again.
                 _ = ftruncate(generation.descriptor, off_t(view.offset))
@@ -590,7 +593,8 @@ public final class FileBackend: StorageBackend {
         reader.view = view
         reader.secret = view.header.flags.contains(.secret)
         remember(&reader)
-        if durability == .full, fsync(directory.descriptor) != 0 {
+        // The rename too: later commits go to the new file, which must be the log after a power loss.
+        if durability != .none, fsync(directory.descriptor) != 0 {
             throw TabSyncError.system("fsync", .current, path: directory.path)
         }
     }

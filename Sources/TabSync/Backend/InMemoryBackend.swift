@@ -99,8 +99,9 @@ public final class InMemoryBackend: StorageBackend {
             store.sequence = transaction.sequence
             store.records.append(contentsOf: transaction.records)
             if store.records.count > historyLimit { store.records.removeFirst(store.records.count - historyLimit) }
-            // As the file backend's scrub (StateDocument.scrubHistory): past values of each key
-            // survive nowhere, its current one (its newest record's new value) stays.
+            // As with the file backend's scrub (which writes a generation without history), past
+            // values of each key survive nowhere; here they are cleared from the records, and its
+            // current one (its newest record's new value) stays.
             for key in scrubbed {
                 let newest = store.records.lastIndex { $0.key == key }
                 for index in store.records.indices where store.records[index].key == key || store.records[index].key == nil {
