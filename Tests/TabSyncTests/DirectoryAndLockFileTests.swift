@@ -88,7 +88,7 @@ struct DirectoryAndLockFileTests {
     }
 
     /// The kernel raises no event for the deletion of a directory that a process holds open
-    /// (only once the last descriptor closes), so the reader learns of it from its state file's
+    /// (only once the last descriptor closes), so the reader learns of it from its log's
     /// deletion, and its next call names the directory.
     @Test func aDirectoryDeletedUnderAReaderIsReported() async throws {
         let directory = TemporaryDirectory()

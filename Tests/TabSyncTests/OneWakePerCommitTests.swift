@@ -9,10 +9,9 @@ import Glibc
 
 extension WatcherThreadTests {
     /// Issue 11, point 2 (one wake per change): each commit signals each reader once, also in
-    /// an app that starts child processes meanwhile. The temporary file used to be closed after
-    /// the rename, which raised a second event for the state file's name (IN_CLOSE_WRITE after
-    /// IN_MOVED_TO): every reader woke twice per commit. A child forked while the file is open
-    /// does the same with its late close, so readers of the state file ignore IN_CLOSE_WRITE.
+    /// an app that starts child processes meanwhile. A commit is one write to the log, so one
+    /// IN_MODIFY. A child forked while the log is open closes its copy at its exec, which raises
+    /// IN_CLOSE_WRITE under the log's name: readers of the log ignore IN_CLOSE_WRITE.
     @Suite(.timeLimit(.minutes(1)))
     struct OneWakePerCommitTests {
         @Test func eachCommitSignalsAReaderOnce() async throws {

@@ -612,31 +612,51 @@ public final class FileBackend: StorageBackend {
     static let legacyMarker = Array("tabsync-state 2 0 0 00000000\n".utf8)
 
     /// A format 1 state file, read and turned into a first generation with the same store, values
-    /// and sequence number; nil when there is none (or only the marker). The old file's previous
-    /// generation is deleted: it may hold replaced values.
+    /// and sequence number; nil when there is none (or only the marker). A state file that cannot
+    /// be read is moved aside as `NAME.state.corrupt-TIME`, and its previous generation
+    /// (`NAME.state.prev`) is upgraded instead when it can be, as format 1's recovery did. Both
+    /// older files are then deleted: they may hold replaced values. The first generation is
+    /// marked as holding secrets, since format 1 does not say which storage held tokens.
     private func upgradeLegacy() throws(TabSyncError) -> [UInt8]? {
-        guard let fd = try directory.openExisting(legacyName, flags: O_RDONLY) else { return nil }
-        defer { close(fd) }
-        var info = stat()
-        guard fstat(fd, &info) == 0 else { throw TabSyncError.system("fstat", .current, path: directory.path(of: legacyName)) }
-        guard Int(info.st_size) <= maximumStateBytes else { return nil }
-        let bytes = try readAll(fd, from: 0, count: Int(info.st_size))
+        guard let bytes = try readLegacy(legacyName) else { return nil }
         if bytes == Self.legacyMarker { return nil }
-        guard let document = try? StateFileCodec.decode(bytes, path: directory.path(of: legacyName)) else {
+        var recovery: String?
+        var document = try? StateFileCodec.decode(bytes, path: directory.path(of: legacyName))
+        if document == nil {
             // Not a state file this version can read: kept aside, not overwritten by the marker.
             let aside = "\(legacyName).corrupt-\(Int64(Date().timeIntervalSince1970 * 1000))"
             if linkat(directory.descriptor, legacyName, directory.descriptor, aside, 0) != 0 {
                 throw TabSyncError.system("linkat", .current, path: directory.path(of: aside))
             }
-            return nil
+            if let previous = try? readLegacy(legacyName + ".prev"),
+               var older = try? StateFileCodec.decode(previous, path: directory.path(of: legacyName + ".prev")) {
+                older.storeID = StateDocument.newStoreID()
+                document = older
+                recovery = "The format 1 state file could not be read; moved it aside as \(aside) and upgraded its previous generation"
+            }
         }
-        var origins: [String: String] = [:]
-        for entry in document.journal { if let key = entry.key { origins[key] = entry.newValue == nil ? nil : entry.origin } }
         _ = unlinkat(directory.descriptor, legacyName + ".prev", 0)
         _ = unlinkat(directory.descriptor, legacyName + ".tmp", 0)
+        guard let document else { return nil }
+        var origins: [String: String] = [:]
+        for entry in document.journal { if let key = entry.key { origins[key] = entry.newValue == nil ? nil : entry.origin } }
         return LogView.fresh(
-            salt: Self.salt(), flags: [], store: document.storeID, sequence: document.sequence, values: document.values,
-            origins: origins, recovery: document.recovery)
+            salt: Self.salt(), flags: .secret, store: document.storeID, sequence: document.sequence, values: document.values,
+            origins: origins, recovery: recovery ?? document.recovery)
+    }
+
+    /// A format 1 file's bytes (nil when missing), refused over the size limit like a log.
+    private func readLegacy(_ name: String) throws(TabSyncError) -> [UInt8]? {
+        guard let fd = try directory.openExisting(name, flags: O_RDONLY) else { return nil }
+        defer { close(fd) }
+        var info = stat()
+        guard fstat(fd, &info) == 0 else { throw TabSyncError.system("fstat", .current, path: directory.path(of: name)) }
+        guard Int(info.st_size) <= maximumStateBytes else {
+            throw TabSyncError(
+                code: .stateTooLarge, path: directory.path(of: name),
+                message: "The format 1 state file has \(info.st_size) bytes, more than the limit of \(maximumStateBytes); it is not upgraded")
+        }
+        return try readAll(fd, from: 0, count: Int(info.st_size))
     }
 
     private func hasLegacyMarker() throws(TabSyncError) -> Bool {

@@ -7,11 +7,11 @@ import Glibc
 #endif
 
 @Suite(.timeLimit(.minutes(1)))
-struct MissingStateFileTests {
+struct MissingLogTests {
     /// Someone deletes the log under running instances. Readers must not report every key
     /// removed at sequence 0 (events go back in sequence); they report the loss, and resynchronise
     /// when the next commit creates a new store, numbered on from the old one.
-    @Test func aDeletedStateFileIsNoChangeUntilTheNextCommit() async throws {
+    @Test func aDeletedLogIsNoChangeUntilTheNextCommit() async throws {
         let directory = TemporaryDirectory()
         let writer = try SharedStorage(directory: directory.path, origin: "writer")
         let observer = try SharedStorage(directory: directory.path, origin: "observer")
