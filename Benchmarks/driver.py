@@ -103,7 +103,9 @@ class Run:
         outs = [f"{directory}.r{i}" for i in range(readers)]
         writer = self.command(impl) + ["writer", "--dir", directory, "--ack", ack, "--readers", str(readers),
                                        "--changes", str(total)] + self.durability(impl, fsync) + (["--gap-us", str(gap_us)] if gap_us else [])
-        reader_commands = [self.command(impl) + [role, "--dir", directory, "--ack", ack, "--changes", str(total), "--out", out] for out in outs]
+        log_mode = ["--log"] if impl == "rawlog" else []
+        reader_commands = [self.command(impl) + [role, "--dir", directory, "--ack", ack, "--changes", str(total), "--out", out] + log_mode
+                           for out in outs]
         return self.measure(f"{impl} {role} N={readers}", writer, reader_commands, outs, changes)
 
     def measure(self, label, writer_command, reader_commands, outs, changes, env=None):

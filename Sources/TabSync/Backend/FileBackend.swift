@@ -177,6 +177,7 @@ public final class FileBackend: StorageBackend {
                 return .needsRepair(.damaged("the log is shorter (\(size) bytes) than its commits that were read (\(view.offset))"))
             }
             let bytes = try readAll(generation.descriptor, from: view.offset, count: size - view.offset)
+            reader.view = nil  // the only reference while it changes: no copy of its records
             let (applied, stop) = bytes.withUnsafeBytes { view.read($0, maximumLength: maximumStateBytes) }
             reader.view = view
             if let regression = regression(reader) { return .needsRepair(regression) }
@@ -284,16 +285,32 @@ public final class FileBackend: StorageBackend {
         return bytes
     }
 
-    /// The view brought up to date, repairing the log under the commit lock if it must:
-    /// `waiting` false returns nil instead of waiting for the lock.
-    private func current(waiting: Bool) throws(TabSyncError) -> (Look, Reader)? {
-        let looked: (Look, Reader)?
+    /// What a read found, taken out of the view under its lock (so that no copy of the view
+    /// outlives the lock, and the next append does not copy its records).
+    private enum Seen {
+        case missing
+        case changes(StoreChanges)
+        case snapshot(StoreSnapshot)
+    }
+
+    /// The view brought up to date, repairing the log under the commit lock if it must, and what
+    /// `extract` takes from it: `waiting` false returns nil instead of waiting for a lock.
+    private func current(waiting: Bool, _ extract: (Reader) -> Seen) throws(TabSyncError) -> Seen? {
+        let looked: (Look, Seen)?
         if waiting {
-            looked = try reader.withLock { reader throws(TabSyncError) in (try look(&reader, locked: false), reader) }
+            looked = try reader.withLock { reader throws(TabSyncError) in
+                let look = try look(&reader, locked: false)
+                return (look, extract(reader))
+            }
         } else {
             // The watcher thread does not wait for a commit of this instance in progress either.
-            let attempt: Result<(Look, Reader), TabSyncError>? = reader.withLockIfAvailable { reader in
-                do throws(TabSyncError) { return .success((try look(&reader, locked: false), reader)) } catch { return .failure(error) }
+            let attempt: Result<(Look, Seen), TabSyncError>? = reader.withLockIfAvailable { reader in
+                do throws(TabSyncError) {
+                    let look = try look(&reader, locked: false)
+                    return .success((look, extract(reader)))
+                } catch {
+                    return .failure(error)
+                }
             }
             switch attempt {
             case nil: return nil
@@ -301,15 +318,20 @@ public final class FileBackend: StorageBackend {
             case let .failure(error): throw error
             }
         }
-        guard let looked else { return nil }
-        if case .needsRepair = looked.0 {
+        guard let (found, seen) = looked else { return nil }
+        switch found {
+        case .missing: return .missing
+        case .current: return seen
+        case .needsRepair:
             guard waiting else { return nil }
             // Inside this instance's own commit, the lock is this thread's: what it sees is it.
-            if committingThread.load(ordering: .acquiring) == Self.currentThread { return looked }
+            if committingThread.load(ordering: .acquiring) == Self.currentThread { return seen }
             try commitView { _ in }
-            return try reader.withLock { reader throws(TabSyncError) in (try look(&reader, locked: false), reader) }
+            return try reader.withLock { reader throws(TabSyncError) in
+                guard case .current = try look(&reader, locked: false) else { return nil }
+                return extract(reader)
+            }
         }
-        return looked
     }
 
     /// The latest state as a format 1 document (values, sequence, store, the recent records as
@@ -346,7 +368,11 @@ public final class FileBackend: StorageBackend {
         var transaction = StoreTransaction(values: values, sequence: sequence, author: author)
         let result = try body(&transaction)
         if transaction.records.isEmpty && transaction.scrubbedKeys.isEmpty && pending == nil { return result }
-        try reader.withLock { reader throws(TabSyncError) in try appendLocked(transaction, to: &reader, pending: pending) }
+        if pending == nil, transaction.scrubbedKeys.isEmpty {
+            try append(transaction.records)
+        } else {
+            try reader.withLock { reader throws(TabSyncError) in try writeGeneration(transaction, to: &reader, pending: pending) }
+        }
         return result
     }
 
@@ -457,9 +483,9 @@ public final class FileBackend: StorageBackend {
         return (values, origins, sequence)
     }
 
-    /// Appends the transaction's records with one write, then compacts if it must; or writes
-    /// them with the `pending` generation.
-    private func appendLocked(_ transaction: StoreTransaction, to reader: inout Reader, pending: [UInt8]?) throws(TabSyncError) {
+    /// Writes the transaction's records with the `pending` generation, or (a scrub) a new
+    /// generation with no history: a rename, not an append, so that it fails or succeeds whole.
+    private func writeGeneration(_ transaction: StoreTransaction, to reader: inout Reader, pending: [UInt8]?) throws(TabSyncError) {
         if let pending {
             var bytes = pending
             Self.encode(transaction.records, salt: Array(pending[20..<36]), to: &bytes)
@@ -473,49 +499,63 @@ public final class FileBackend: StorageBackend {
             if try !hasLegacyMarker() { try writeLegacyMarker() }
             return
         }
-        guard let generation = reader.generation, var view = reader.view else { return }
+        // No earlier value of a scrubbed key may survive.
+        guard var view = reader.view else { return }
         var bytes: [UInt8] = []
         Self.encode(transaction.records, salt: view.header.salt, to: &bytes)
-        if !transaction.scrubbedKeys.isEmpty {
-            // No earlier value of a scrubbed key may survive: the commit is a new generation with
-            // no history (written instead of an append, so that it fails or succeeds whole).
-            _ = bytes.withUnsafeBytes { view.read($0, maximumLength: maximumStateBytes) }
-            try replace(&reader, with: view.compacted(salt: Self.salt(), flags: .secret, retained: 0))
-            return
+        reader.view = nil
+        _ = bytes.withUnsafeBytes { view.read($0, maximumLength: maximumStateBytes) }
+        reader.view = view
+        try replace(&reader, with: view.compacted(salt: Self.salt(), flags: .secret, retained: 0))
+    }
+
+    /// Appends a commit's records with one write at the end of the last complete commit, and
+    /// syncs. The view's lock is not held meanwhile (the commit lock keeps other writers out), so
+    /// that this instance's readers, the watcher thread among them, do not wait for the disk.
+    /// Then compacts the log if it has grown past its bounds.
+    private func append(_ records: [ChangeRecord]) throws(TabSyncError) {
+        guard let (generation, salt, offset) = reader.withLock({ reader in
+            reader.generation.flatMap { generation in reader.view.map { (generation, $0.header.salt, $0.offset) } }
+        }) else { return }
+        var bytes: [UInt8] = []
+        Self.encode(records, salt: salt, to: &bytes)
+        guard offset + bytes.count <= maximumStateBytes else {
+            throw TabSyncError(
+                code: .stateTooLarge, path: location,
+                message: "The log would have \(offset + bytes.count) bytes, more than the limit of \(maximumStateBytes)")
         }
-        if !bytes.isEmpty {
-            guard view.offset + bytes.count <= maximumStateBytes else {
-                throw TabSyncError(
-                    code: .stateTooLarge, path: location,
-                    message: "The log would have \(view.offset + bytes.count) bytes, more than the limit of \(maximumStateBytes)")
-            }
-            do throws(TabSyncError) {
-                var done = 0
-                while done < bytes.count {
-                    done += try retrying("pwrite", path: location) {
-                        bytes.withUnsafeBytes { pwrite(generation.descriptor, $0.baseAddress! + done, bytes.count - done, off_t(view.offset + done)) }
-                    }
+        do throws(TabSyncError) {
+            var done = 0
+            while done < bytes.count {
+                done += try retrying("pwrite", path: location) {
+                    bytes.withUnsafeBytes { pwrite(generation.descriptor, $0.baseAddress! + done, bytes.count - done, off_t(offset + done)) }
                 }
-                let synced: Int32 = switch durability {
-                case .none: 0
-                case .file: fdatasync(generation.descriptor)
-                case .full: fsync(generation.descriptor)
-                }
-                if synced != 0 { throw TabSyncError.system(durability == .full ? "fsync" : "fdatasync", .current, path: location) }
-            } catch {
-                // Nothing of a failed append stays: the log ends at its last commit again.
-                _ = ftruncate(generation.descriptor, off_t(view.offset))
-                throw error
             }
-            _ = bytes.withUnsafeBytes { view.read($0, maximumLength: maximumStateBytes) }
-            reader.view = view
-            remember(&reader)
+            let synced: Int32 = switch durability {
+            case .none: 0
+            case .file: fdatasync(generation.descriptor)
+            case .full: fsync(generation.descriptor)
+            }
+            if synced != 0 { throw TabSyncError.system(durability == .full ? "fsync" : "fdatasync", .current, path: location) }
+        } catch {
+            // Nothing of a failed append stays: the log ends at its last commit again.
+            _ = ftruncate(generation.descriptor, off_t(offset))
+            throw error
         }
-        // Past twice its bounds, the log is compacted. The commit is in already: a compaction
-        // that fails (a full disk) leaves the log as it is, longer, and the next commit tries again.
-        if view.offset > journalLimits.maximumBytes * 2 || view.sequence - view.header.base > UInt64(journalLimits.maximumEntries) * 2 {
-            // The records to keep, read again from the log: memory holds only the last few.
+        reader.withLock { reader in
+            guard reader.generation === generation, var view = reader.view else { return }
+            // A read of this instance may have taken the records from the file already.
+            if view.offset == offset {
+                reader.view = nil  // the only reference while it changes: no copy of its records
+                _ = bytes.withUnsafeBytes { view.read($0, maximumLength: maximumStateBytes) }
+                reader.view = view
+                remember(&reader)
+            }
+            // Past twice its bounds, the log is compacted. The commit is in already: a compaction
+            // that fails (a full disk) leaves the log as it is, longer, and the next commit tries again.
+            guard view.offset > journalLimits.maximumBytes * 2 || view.sequence - view.header.base > UInt64(journalLimits.maximumEntries) * 2 else { return }
             do throws(TabSyncError) {
+                // The records to keep, read again from the log: memory holds only the last few.
                 let full = try fullView(of: generation, through: view.offset, retention: journalLimits.maximumEntries)
                 try replace(&reader, with: full.compacted(salt: Self.salt(), flags: reader.secret ? .secret : [], retained: journalLimits.maximumEntries))
             } catch {
@@ -526,6 +566,16 @@ public final class FileBackend: StorageBackend {
 
     /// Compactions that failed (the commit before each went in), for diagnostics and tests.
     let compactionFailures = Atomic<Int>(0)
+
+    /// The records of a commit, the last one marked as its end.
+    private static func encode(_ records: [ChangeRecord], salt: [UInt8], to bytes: inout [UInt8]) {
+        for (index, record) in records.enumerated() {
+            let change = LogFormat.Change(key: record.key, value: record.newValue, origin: record.origin, instance: record.instance, time: record.time)
+            LogFormat.append(
+                LogFormat.Record(sequence: record.sequence, flags: index == records.count - 1 ? .commitEnd : [], body: .change(change)),
+                salt: salt, to: &bytes)
+        }
+    }
 
     /// How many records a view keeps in memory (for readers a little behind); the log keeps
     /// more (``journalLimits``), read again when a reader or a compaction needs them.
@@ -540,16 +590,6 @@ public final class FileBackend: StorageBackend {
         var view = LogView(header: header, retention: max(1, retention))
         _ = bytes.withUnsafeBytes { view.read(UnsafeRawBufferPointer(rebasing: $0[LogFormat.headerSize...]), maximumLength: maximumStateBytes) }
         return view
-    }
-
-    /// The records of a commit, the last one marked as its end.
-    private static func encode(_ records: [ChangeRecord], salt: [UInt8], to bytes: inout [UInt8]) {
-        for (index, record) in records.enumerated() {
-            let change = LogFormat.Change(key: record.key, value: record.newValue, origin: record.origin, instance: record.instance, time: record.time)
-            LogFormat.append(
-                LogFormat.Record(sequence: record.sequence, flags: index == records.count - 1 ? .commitEnd : [], body: .change(change)),
-                salt: salt, to: &bytes)
-        }
     }
 
     /// Writes `bytes` as the log's next generation (temporary file, fsync, rename) and makes it
@@ -729,26 +769,33 @@ public final class FileBackend: StorageBackend {
     // MARK: The backend protocol
 
     public func snapshot() throws(TabSyncError) -> StoreSnapshot {
-        guard let (look, reader) = try current(waiting: true) else { return StoreSnapshot(values: [:], position: StorePosition(store: "", sequence: 0)) }
-        guard case .current = look, let view = reader.view else {
-            return StoreSnapshot(values: [:], position: StorePosition(store: "", sequence: 0))
+        let seen = try current(waiting: true) { reader in
+            guard let view = reader.view else { return .missing }
+            return .snapshot(StoreSnapshot(values: view.values, position: StorePosition(store: view.store, sequence: view.sequence), recovery: view.recovery))
         }
-        return StoreSnapshot(values: view.values, position: StorePosition(store: view.store, sequence: view.sequence), recovery: view.recovery)
+        guard case let .snapshot(snapshot)? = seen else { return StoreSnapshot(values: [:], position: StorePosition(store: "", sequence: 0)) }
+        return snapshot
     }
 
     public func changes(after position: StorePosition, waiting: Bool) throws(TabSyncError) -> StoreChanges? {
-        guard let (look, reader) = try current(waiting: waiting) else { return nil }
-        switch look {
-        case .missing: return .missing
-        case .needsRepair: return nil
-        case .current: break
+        let seen = try current(waiting: waiting) { reader in
+            guard let view = reader.view else { return .missing }
+            return .changes(changes(after: position, in: view, generation: reader.generation))
         }
-        guard let view = reader.view else { return .missing }
+        switch seen {
+        case nil: return nil
+        case .missing?, .snapshot?: return .missing
+        case let .changes(changes)?: return changes
+        }
+    }
+
+    /// The records after `position`, or a resync: what a reader at `position` has to catch up on.
+    private func changes(after position: StorePosition, in view: LogView, generation: Generation?) -> StoreChanges {
         // A reader that started before any store existed replays the first store's records.
         if position.store == view.store || position.store.isEmpty {
             if let records = view.records(after: position.sequence) { return .records(Array(records), store: view.store) }
             // Behind the records kept in memory, but maybe not behind the log's: read it again.
-            if position.sequence >= view.header.base, let generation = reader.generation,
+            if position.sequence >= view.header.base, let generation,
                let full = try? fullView(of: generation, through: view.offset, retention: Int(view.sequence - position.sequence)),
                let records = full.records(after: position.sequence) {
                 return .records(Array(records), store: view.store)
