@@ -510,47 +510,57 @@ public final class FileBackend: StorageBackend {
     }
 
     /// Appends a commit's records with one write at the end of the last complete commit, and
-    /// syncs. The view's lock is not held meanwhile (the commit lock keeps other writers out), so
-    /// that this instance's readers, the watcher thread among them, do not wait for the disk.
+    /// syncs. The write and the view's update happen under the view's lock (a write to the page
+    /// cache takes microseconds; this instance's readers then find the view up to date instead
+    /// of reading the bytes again); the sync does not, so that readers never wait for the disk.
     /// Then compacts the log if it has grown past its bounds.
     private func append(_ records: [ChangeRecord]) throws(TabSyncError) {
-        guard let (generation, salt, offset) = reader.withLock({ reader in
-            reader.generation.flatMap { generation in reader.view.map { (generation, $0.header.salt, $0.offset) } }
-        }) else { return }
-        var bytes: [UInt8] = []
-        Self.encode(records, salt: salt, to: &bytes)
-        guard offset + bytes.count <= maximumStateBytes else {
-            throw TabSyncError(
-                code: .stateTooLarge, path: location,
-                message: "The log would have \(offset + bytes.count) bytes, more than the limit of \(maximumStateBytes)")
-        }
-        do throws(TabSyncError) {
-            var done = 0
-            while done < bytes.count {
-                done += try retrying("pwrite", path: location) {
-                    bytes.withUnsafeBytes { pwrite(generation.descriptor, $0.baseAddress! + done, bytes.count - done, off_t(offset + done)) }
+        let written: (Generation, Int)? = try reader.withLock { reader throws(TabSyncError) in
+            guard let generation = reader.generation, var view = reader.view else { return nil }
+            let offset = view.offset
+            var bytes: [UInt8] = []
+            Self.encode(records, salt: view.header.salt, to: &bytes)
+            guard offset + bytes.count <= maximumStateBytes else {
+                throw TabSyncError(
+                    code: .stateTooLarge, path: location,
+                    message: "The log would have \(offset + bytes.count) bytes, more than the limit of \(maximumStateBytes)")
+            }
+            do throws(TabSyncError) {
+                var done = 0
+                while done < bytes.count {
+                    done += try retrying("pwrite", path: location) {
+                        bytes.withUnsafeBytes { pwrite(generation.descriptor, $0.baseAddress! + done, bytes.count - done, off_t(offset + done)) }
+                    }
                 }
+            } catch {
+                // Nothing of a failed append stays: the log ends at its last commit again.
+                _ = ftruncate(generation.descriptor, off_t(offset))
+                throw error
             }
-            let synced: Int32 = switch durability {
-            case .none: 0
-            case .file: fdatasync(generation.descriptor)
-            case .full: fsync(generation.descriptor)
-            }
-            if synced != 0 { throw TabSyncError.system(durability == .full ? "fsync" : "fdatasync", .current, path: location) }
-        } catch {
-            // Nothing of a failed append stays: the log ends at its last commit again.
+            reader.view = nil  // the only reference while it changes: no copy of its records
+            _ = bytes.withUnsafeBytes { view.read($0, maximumLength: maximumStateBytes) }
+            reader.view = view
+            remember(&reader)
+            return (generation, offset)
+        }
+        guard let (generation, offset) = written else { return }
+        let synced: Int32 = switch durability {
+        case .none: 0
+        case .file: fdatasync(generation.descriptor)
+        case .full: fsync(generation.descriptor)
+        }
+        if synced != 0 {
+            let error = TabSyncError.system(durability == .full ? "fsync" : "fdatasync", .current, path: location)
+            // The commit is not durable: it is taken back, and the view read again from the log.
             _ = ftruncate(generation.descriptor, off_t(offset))
+            reader.withLock { reader in
+                reader.generation = nil
+                reader.view = nil
+            }
             throw error
         }
         reader.withLock { reader in
-            guard reader.generation === generation, var view = reader.view else { return }
-            // A read of this instance may have taken the records from the file already.
-            if view.offset == offset {
-                reader.view = nil  // the only reference while it changes: no copy of its records
-                _ = bytes.withUnsafeBytes { view.read($0, maximumLength: maximumStateBytes) }
-                reader.view = view
-                remember(&reader)
-            }
+            guard reader.generation === generation, let view = reader.view else { return }
             // Past twice its bounds, the log is compacted. The commit is in already: a compaction
             // that fails (a full disk) leaves the log as it is, longer, and the next commit tries again.
             guard view.offset > journalLimits.maximumBytes * 2 || view.sequence - view.header.base > UInt64(journalLimits.maximumEntries) * 2 else { return }
