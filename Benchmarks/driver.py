@@ -215,6 +215,13 @@ class Run:
                         result.update({"impl": impl, "fs": fs, "fsync": fsync, "readers": readers, "changes": changes})
                         self.results["propagation"].append(result)
                         log(f"  p50 {result['p50_us']:.0f} us  p99 {result['p99_us']:.0f} us  max {result['max_us']:.0f} us  ({result['seconds']:.1f} s)")
+        # The same TabSync propagation with onNotification (no hop to a task), tmpfs, no fsync.
+        for readers in (1, 4, 16, 64):
+            log(f"propagation tabsync inline (onNotification) tmpfs N={readers}")
+            result = self.propagation("tabsync", self.tmpfs_root, False, readers, role="inline-reader")
+            result.update({"impl": "tabsync-inline", "fs": "tmpfs", "fsync": False, "readers": readers, "changes": self.changes})
+            self.results["propagation"].append(result)
+            log(f"  p50 {result['p50_us']:.0f} us  p99 {result['p99_us']:.0f} us")
         for readers in (1, 4, 16, 64):
             log(f"polling reader (stat every 100 ms) tmpfs N={readers}")
             result = self.propagation("raw", self.tmpfs_root, False, readers, role="poller", changes=self.poll_changes, gap_us=100_000)

@@ -148,6 +148,23 @@ def markdown(document):
             f"{us(rawlog['p50_us']) if rawlog else '-'} | {us(rawlog['p99_us']) if rawlog else '-'} | "
             f"{row['p99_us'] / raw['p99_us']:.2f}x | {(row['p99_us'] / rawlog['p99_us']) if rawlog else float('nan'):.2f}x | {cpu} |")
     add("")
+    inline = [row for row in document["propagation"] if row["impl"] == "tabsync-inline"]
+    if inline:
+        add("Without the hop to a task: the same TabSync readers with `onNotification` (the handler runs on the watcher "
+            "thread) instead of `events()` (an `AsyncStream` whose consumer task wakes on another thread), tmpfs, no fsync:")
+        add("")
+        add("| N | events() p50 | p99 | onNotification p50 | p99 | rename p99 | log p99 | p99 vs rename | CPU per change: events() / onNotification |")
+        add("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for row in sorted(inline, key=lambda r: r["readers"]):
+            tab = find(document["propagation"], impl="tabsync", fs="tmpfs", fsync=False, readers=row["readers"])
+            raw = find(document["propagation"], impl="raw", fs="tmpfs", fsync=False, readers=row["readers"])
+            rawlog = find(document["propagation"], impl="rawlog", fs="tmpfs", fsync=False, readers=row["readers"])
+            if not (tab and raw and rawlog):
+                continue
+            add(f"| {row['readers']} | {us(tab['p50_us'])} | {us(tab['p99_us'])} | {us(row['p50_us'])} | {us(row['p99_us'])} | "
+                f"{us(raw['p99_us'])} | {us(rawlog['p99_us'])} | {row['p99_us'] / raw['p99_us']:.2f}x | "
+                f"{tab.get('cpu_us_per_change', float('nan')):.0f} µs / {row.get('cpu_us_per_change', float('nan')):.0f} µs |")
+        add("")
     if document["polling"]:
         add(f"Polling reader (C, `stat` every 100 ms, what a shared token cache without notification does), tmpfs, "
             f"{document['poll_changes']} changes per N:")

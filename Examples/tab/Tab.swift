@@ -52,7 +52,7 @@ struct Tab: AsyncParsableCommand {
     @Option(help: "The longest a change waits for the commit lock, in seconds (a stopped or hung process holding it).")
     var lockTimeout: Double = 10
 
-    @Option(help: "How many changes each storage's log keeps for tabs that fall behind (it is compacted past twice as many).")
+    @Option(help: "How many changes each storage's log keeps for tabs that fall behind (it is compacted past about twice as many).")
     var history: Int = JournalLimits().maximumEntries
 
     @Option(help: "The timeout of one request to the authorization server, in seconds.")

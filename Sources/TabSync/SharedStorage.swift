@@ -425,6 +425,36 @@ public final class SharedStorage: Sendable {
         }
     }
 
+    /// Calls `handler` with every notification (changes, problems, detection changes), in
+    /// order, on the thread that delivers them, without the hop to a task that an `AsyncStream`
+    /// takes (which costs a thread wake-up per change and reader; see Benchmarks/README.md). For
+    /// the lowest latency. `handler` runs on TabSync's watcher thread, which serves every storage
+    /// of the process: it must return quickly and must not wait for anything (a lock, the
+    /// network, a call into this storage that commits). Delivery stops when the returned
+    /// subscription is cancelled or the storage closes.
+    ///
+    /// ```swift
+    /// let subscription = storage.onNotification { notification in
+    ///     if case let .change(event) = notification { cache.update(event.key, event.newValue) }
+    /// }
+    /// ```
+    public func onNotification(
+        includingOwnChanges: Bool = false, _ handler: @escaping @Sendable (StorageNotification) -> Void
+    ) -> NotificationSubscription {
+        let id: UInt64? = delivery.withLock { delivery in
+            guard !delivery.closed else { return nil }
+            let id = delivery.nextSubscriber
+            delivery.nextSubscriber += 1
+            delivery.subscribers[id] = Subscriber(includeOwn: includingOwnChanges, deliver: handler, finish: {})
+            return id
+        }
+        return NotificationSubscription { [weak self] in
+            guard let id else { return }
+            let removed = self?.delivery.withLock { $0.subscribers.removeValue(forKey: id) }
+            withExtendedLifetime(removed) {}
+        }
+    }
+
     /// `first` runs under the delivery lock with the position delivered so far, before any change
     /// can reach the new subscriber: what it sees and what follows meet without a gap.
     private func subscribe<Element>(
@@ -594,4 +624,20 @@ public final class SharedStorage: Sendable {
         watch?.cancel()
         for subscriber in subscribers { subscriber.finish() }
     }
+}
+
+/// A handler registered with ``SharedStorage/onNotification(includingOwnChanges:_:)``. Cancelling
+/// is idempotent; a handler that is being called when it is cancelled finishes that call.
+public final class NotificationSubscription: Sendable {
+    private let onCancel: Mutex<(@Sendable () -> Void)?>
+
+    init(_ onCancel: @escaping @Sendable () -> Void) {
+        self.onCancel = Mutex(onCancel)
+    }
+
+    public func cancel() {
+        onCancel.withLock { $0.take() }?()
+    }
+
+    deinit { cancel() }
 }

@@ -75,6 +75,8 @@ struct LogFileTests {
         try await writer.set("a", "1")
         try await writer.set("b", "2")
         try await writer.set("c", "3")
+        // Closed, so that it does not recover the damage itself from what it had read.
+        writer.close()
         var damaged = try Data(contentsOf: URL(fileURLWithPath: directory.file("storage.log")))
         damaged[before + 20] ^= 0x01  // inside the first change record (a = 1)
         try replace(directory.file("storage.log"), with: damaged)

@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 import Testing
 @testable import TabSync
 
@@ -22,6 +23,28 @@ struct SharedStorageTests {
         try storage.clear()
         #expect(try storage.snapshot().values.isEmpty)
         #expect(try storage.snapshot().sequence == first + 3)
+    }
+
+    /// `onNotification` delivers every change of the others once, in order, on the delivering
+    /// thread, and nothing after its subscription is cancelled.
+    @Test func onNotificationDeliversEveryChangeInOrderUntilCancelled() async throws {
+        let directory = TemporaryDirectory()
+        let writer = try SharedStorage(directory: directory.path, origin: "writer")
+        let reader = try SharedStorage(directory: directory.path, origin: "reader")
+        let seen = Mutex<[UInt64]>([])
+        let subscription = reader.onNotification { notification in
+            if case let .change(event) = notification { seen.withLock { $0.append(event.sequence) } }
+        }
+        for index in 1...20 { try await writer.set("k", "\(index)") }
+        let deadline = ContinuousClock.now + .seconds(20)
+        while seen.withLock({ $0.count }) < 20, ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(5)) }
+        #expect(seen.withLock { $0 } == Array(1...20))
+        subscription.cancel()
+        // A fence: a stream subscribed now sees the next change; the cancelled handler does not.
+        var fence = reader.events().makeAsyncIterator()
+        try await writer.set("k", "after")
+        #expect(await next(&fence)?.sequence == 21)
+        #expect(seen.withLock { $0 } == Array(1...20), "nothing after cancel")
     }
 
     @Test func aSetThatLeavesTheValueUnchangedCommitsNothing() throws {
@@ -83,7 +106,7 @@ struct SharedStorageTests {
     }
 
     /// A reader that falls behind further than the log keeps (compaction keeps the last
-    /// `maximumEntries` changes once twice as many have piled up) gets a resynchronisation, with
+    /// `maximumEntries` changes once `compactionEntries` have piled up) gets a resynchronisation, with
     /// the current values, never a silent loss; one within the retained records replays them.
     @Test func aReaderBeyondTheRetainedHistoryGetsAResyncNotSilentLoss() async throws {
         let directory = TemporaryDirectory()
@@ -95,18 +118,18 @@ struct SharedStorageTests {
         let backend = try FileBackend(directory: SessionDirectory(path: directory.path), name: "storage", journalLimits: JournalLimits(maximumEntries: 4))
         let position = try await backend.snapshot().position
         try await writer.remove("gone")
-        for index in 0..<10 { try await writer.set("k\(index)", "\(index)") }
+        for index in 0..<60 { try await writer.set("k\(index)", "\(index)") }
         guard case let .resync(snapshot, origins)? = try backend.changes(after: position, waiting: true) else {
-            Issue.record("no resync for a reader 11 changes behind a history of 4")
+            Issue.record("no resync for a reader 61 changes behind a history of 4 (compacted every 32)")
             return
         }
-        #expect(snapshot.values == Dictionary(uniqueKeysWithValues: (0..<10).map { ("k\($0)", "\($0)") }))
-        #expect(snapshot.position.sequence == 12 && origins["k9"] == "writer")
-        guard case let .records(records, _)? = try backend.changes(after: StorePosition(store: position.store, sequence: 10), waiting: true) else {
+        #expect(snapshot.values == Dictionary(uniqueKeysWithValues: (0..<60).map { ("k\($0)", "\($0)") }))
+        #expect(snapshot.position.sequence == 62 && origins["k59"] == "writer")
+        guard case let .records(records, _)? = try backend.changes(after: StorePosition(store: position.store, sequence: 60), waiting: true) else {
             Issue.record("no records for a reader within the history")
             return
         }
-        #expect(records.map(\.key) == ["k8", "k9"])
+        #expect(records.map(\.key) == ["k58", "k59"])
     }
 
     @Test func transactionsRecordOnlyRealChanges() throws {

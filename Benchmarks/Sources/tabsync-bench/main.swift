@@ -3,6 +3,7 @@
 //
 //   tabsync-bench writer     --dir D --ack FIFO --readers N --changes K [--durability none|file|full]
 //   tabsync-bench reader     --dir D --ack FIFO --changes K --out FILE
+//   tabsync-bench inline-reader (the same, with onNotification instead of events())
 //   tabsync-bench idle       --dir D --ack FIFO
 //   tabsync-bench throughput --dir D --start-at MONO_NS --seconds S [--durability none|file|full] [--key K]
 //   tabsync-bench bare-idle  --dir D --ack FIFO  (no storage: an async Swift process waiting on a stream)
@@ -146,6 +147,40 @@ func writer(_ options: Options) {
     }
 }
 
+/// The reader with ``SharedStorage/onNotification(includingOwnChanges:_:)``: each change is taken
+/// on the watcher thread, without the hop to the task that `events()` takes.
+func inlineReader(_ options: Options) {
+    let storage = openStorage(options, origin: "reader-\(getpid())")
+    let ack = AckPipe(path: required(options.ack, "--ack"), forWriting: true)
+    let done = DispatchSemaphore(value: 0)
+    final class Samples: @unchecked Sendable {
+        var values: [Int64] = []
+        var last: UInt64 = 0
+    }
+    let samples = Samples()
+    samples.values.reserveCapacity(options.changes)
+    let subscription = storage.onNotification { notification in
+        guard case let .change(event) = notification, samples.values.count < options.changes else { return }
+        let delivered = now()
+        guard let value = event.newValue, let stamp = Int64(value) else { fail("unexpected event \(event)") }
+        if event.isResync { fail("resynchronised at \(event.sequence): a change was not delivered from the log") }
+        if event.sequence <= samples.last { fail("sequence went from \(samples.last) to \(event.sequence)") }
+        samples.last = event.sequence
+        samples.values.append(delivered - stamp)
+        ack.send()
+        if samples.values.count == options.changes { done.signal() }
+    }
+    ack.send()  // watching: the subscription exists, so no later change can be missed
+    done.wait()
+    subscription.cancel()
+    let text = samples.values.map(String.init).joined(separator: "\n") + "\n"
+    guard FileManager.default.createFile(atPath: required(options.out, "--out"), contents: Data(text.utf8)) else {
+        fail("cannot write \(options.out!)")
+    }
+    writeCPUTime(to: options.out! + ".cpu")
+    storage.close()
+}
+
 func reader(_ options: Options) async {
     let storage = openStorage(options, origin: "reader-\(getpid())")
     let events = storage.events()
@@ -157,7 +192,7 @@ func reader(_ options: Options) async {
     for await event in events {
         let delivered = now()
         guard let value = event.newValue, let stamp = Int64(value) else { fail("unexpected event \(event)") }
-        if event.isResync { fail("resynchronised at \(event.sequence): a change was not delivered from the journal") }
+        if event.isResync { fail("resynchronised at \(event.sequence): a change was not delivered from the log") }
         if event.sequence <= last { fail("sequence went from \(last) to \(event.sequence)") }
         last = event.sequence
         samples.append(delivered - stamp)
@@ -231,6 +266,7 @@ let options = Options(CommandLine.arguments)
 switch options.role {
 case "writer": writer(options)
 case "reader": await reader(options)
+case "inline-reader": inlineReader(options)
 case "idle": await idle(options)
 case "bare-idle": await bareIdle(options)
 case "throughput": throughput(options)

@@ -84,6 +84,9 @@ public final class FileBackend: StorageBackend {
     }
 
     private let reader = Mutex(Reader())
+    /// Set by a signal about the directory itself (or anything: an overflow, a poll): the next
+    /// read checks the directory first (``SessionDirectory/verify()``).
+    private let verifyDirectory = Atomic<Bool>(true)
     /// Serialises commits of this instance; the flock serialises processes and instances.
     private let commitGate = CommitGate()
     /// The thread inside `commit`, to refuse a commit from inside a commit instead of deadlocking.
@@ -154,12 +157,18 @@ public final class FileBackend: StorageBackend {
     /// being written and is left for later; with it (`locked`), there is no commit in progress,
     /// so anything after the last complete one is reported for repair.
     private func look(_ reader: inout Reader, locked: Bool) throws(TabSyncError) -> Look {
-        // A directory moved, replaced or opened up is not read from (nor then written to).
-        try directory.verify()
+        // A directory moved, replaced or opened up is not written to, nor read from once a signal
+        // about the directory itself came (a move, an overflow, a poll) or the log is missing or
+        // new. A read for an append costs no check of the directory: the log's own checks (owner,
+        // mode, no link) hold for what is read.
+        if locked || verifyDirectory.exchange(false, ordering: .acquiringAndReleasing) { try directory.verify() }
         var info = stat()
         guard fstatat(directory.descriptor, logName, &info, AT_SYMLINK_NOFOLLOW) == 0 else {
             let errno = Errno.current
-            if errno == .noSuchFileOrDirectory { return .missing }
+            if errno == .noSuchFileOrDirectory {
+                try directory.verify()
+                return .missing
+            }
             throw TabSyncError.system("fstatat", errno, path: location)
         }
         try SessionDirectory.checkRegular(info, path: location)
@@ -186,6 +195,7 @@ public final class FileBackend: StorageBackend {
             return .current(applied)
         }
         // Another generation (or the first one this instance reads): read it whole.
+        if !locked { try directory.verify() }
         guard let descriptor = try directory.openExisting(logName, flags: O_RDWR) else { return .missing }
         var opened = stat()
         guard fstat(descriptor, &opened) == 0 else {
@@ -563,7 +573,7 @@ public final class FileBackend: StorageBackend {
             guard reader.generation === generation, let view = reader.view else { return }
             // Past twice its bounds, the log is compacted. The commit is in already: a compaction
             // that fails (a full disk) leaves the log as it is, longer, and the next commit tries again.
-            guard view.offset > journalLimits.maximumBytes * 2 || view.sequence - view.header.base > UInt64(journalLimits.maximumEntries) * 2 else { return }
+            guard view.offset > journalLimits.maximumBytes * 2 || view.sequence - view.header.base > UInt64(journalLimits.compactionEntries) else { return }
             do throws(TabSyncError) {
                 // The records to keep, read again from the log: memory holds only the last few.
                 let full = try fullView(of: generation, through: view.offset, retention: journalLimits.maximumEntries)
@@ -848,9 +858,11 @@ public final class FileBackend: StorageBackend {
     public func watch(_ handler: @escaping @Sendable (BackendSignal) -> Void) -> any WatchRegistration {
         let (id, detection) = ChangeWatcher.shared.register(
             directory: directory, names: [logName], events: ChangeWatcher.logEvents, pollInterval: pollInterval
-        ) { signal in
+        ) { [weak self] signal in
             switch signal {
-            case .changed: handler(.mayHaveChanged)
+            case let .changed(name):
+                if name == nil { self?.verifyDirectory.store(true, ordering: .releasing) }
+                handler(.mayHaveChanged)
             case let .fellBackToPolling(detection): handler(.detectionChanged(detection))
             }
         }

@@ -105,8 +105,9 @@ public struct JournalEntry: Sendable, Hashable, Codable {
 }
 
 /// How much history a log keeps for readers that fall behind: at least the last
-/// `maximumEntries` changes (and about `maximumBytes` of log). Past twice either bound, the next
-/// commit compacts the log to a snapshot and that many changes. A reader further behind
+/// `maximumEntries` changes (and about `maximumBytes` of log). Once the log holds more than
+/// ``compactionEntries`` changes since its snapshot, or twice `maximumBytes`, the next commit
+/// compacts it to a snapshot and the last `maximumEntries` changes. A reader further behind
 /// resynchronises (see ``StorageEvent/isResync``).
 public struct JournalLimits: Sendable, Hashable {
     /// At least this many changes.
@@ -117,5 +118,13 @@ public struct JournalLimits: Sendable, Hashable {
     public init(maximumEntries: Int = 10_000, maximumBytes: Int = 4 << 20) {
         self.maximumEntries = max(1, maximumEntries)
         self.maximumBytes = max(1, maximumBytes)
+    }
+
+    /// How many changes the log holds before it is compacted: the history and as many again, or
+    /// the history and 1,024 when that is more (at most nine times the history). A compaction
+    /// makes every reader read a new generation whole, so a small history is not compacted
+    /// every few changes.
+    public var compactionEntries: Int {
+        maximumEntries + max(maximumEntries, min(1024, 8 * maximumEntries))
     }
 }

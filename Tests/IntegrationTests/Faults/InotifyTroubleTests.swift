@@ -10,19 +10,19 @@ import Glibc
 @Suite(.serialized, .timeLimit(.minutes(3)))
 struct InotifyTroubleTests {
     /// One tab sleeps (SIGSTOP) while another commits far more changes than the log keeps (a
-    /// history of 100): every notification of the burst is coalesced into the reads the tab makes
-    /// when it wakes up.
+    /// history of 20, compacted past 180): every notification of the burst is coalesced into the
+    /// reads the tab makes when it wakes up.
     @Test func aTabPausedDuringABurstCatchesUpWithEveryKeyAndThenEveryChange() async throws {
         // tmpfs, so that the burst's fsyncs cost nothing.
         let base = FileManager.default.fileExists(atPath: "/dev/shm") ? "/dev/shm" : FileManager.default.temporaryDirectory.path
         let directory = "\(base)/tabsync-it-burst-\(UUID().uuidString.prefix(8))"
         defer { try? FileManager.default.removeItem(atPath: directory) }
-        let sleeper = try await launchTab(name: "sleeper", directory: directory, extra: ["--history", "100"])
-        let writer = try await launchTab(name: "writer", directory: directory, extra: ["--history", "100"])
+        let sleeper = try await launchTab(name: "sleeper", directory: directory, extra: ["--history", "20"])
+        let writer = try await launchTab(name: "writer", directory: directory, extra: ["--history", "20"])
         defer { sleeper.kill(SIGCONT); sleeper.stop(); writer.stop() }
 
         sleeper.kill(SIGSTOP)
-        let burst = 700  // more than the 100 to 200 changes the log keeps
+        let burst = 700  // more than the 20 to 180 changes the log keeps
         writer.send((1...burst).map { "set k\($0 % 10) \($0)" }.joined(separator: "\n"))
         try await writer.waitFor("the burst's replies", count: burst, timeout: .seconds(90)) { $0.type == "ok" }
         sleeper.kill(SIGCONT)
@@ -38,7 +38,7 @@ struct InotifyTroubleTests {
         #expect(view == expected)
         let sequences = sleeper.storageEvents.compactMap(\.seq)
         #expect(sequences == sequences.sorted(), "events never go back in sequence")
-        // The log (100 to 200 changes) does not reach back over 700: the catch-up is a resync, and says so.
+        // The log (20 to 180 changes) does not reach back over 700: the catch-up is a resync, and says so.
         let resync = sleeper.storageEvents.filter { $0["resync"] as? Bool == true }
         #expect(!resync.isEmpty && resync.allSatisfy { $0.seq == burst }, "resync events, all at the newest seq: \(resync.prefix(3))")
 

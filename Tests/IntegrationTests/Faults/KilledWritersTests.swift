@@ -12,7 +12,7 @@ import Glibc
 /// `set` commands for the slot's own keys, with values that only increase, and is killed after
 /// a random number of acknowledged commits plus a random delay, so that most kills land inside
 /// a commit (while the lock is held, an append half written, a compaction's new generation half
-/// written: with a history of 100 the log is compacted every 200 changes or so). Two observers
+/// written: with a history of 100 the log is compacted every 800 changes or so). Two observers
 /// run throughout and are never killed.
 @Suite(.serialized, .timeLimit(.minutes(5)))
 struct KilledWritersTests {
@@ -96,7 +96,7 @@ struct KilledWritersTests {
     }
 
     /// Runs `killsPerSlot` writer processes in turn, each killed at a random moment.
-    /// A history of 100 changes: the log is compacted every 200 or so, and kills land in compactions too.
+    /// A history of 100 changes: the log is compacted every 800 or so, and kills land in compactions too.
     static let history = ["--history", "100"]
 
     private static func runSlot(_ slot: Int, directory: String, logPath: String) async throws -> SlotResult {
