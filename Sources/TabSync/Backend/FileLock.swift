@@ -179,11 +179,37 @@ public final class FileLock: SessionLock {
         case absent
     }
 
+    /// A descriptor of the lock file (or directory) that no hold uses: the last one released, kept
+    /// open for the next acquisition, which then opens nothing. Each hold still has a descriptor
+    /// of its own (an open file description of its own), taken from here or opened.
+    private let idle = Mutex<Int32>(-1)
+
+    /// Gives a released descriptor back for the next acquisition, or closes it.
+    fileprivate func returnIdle(_ fd: Int32) {
+        let kept = idle.withLock { idle in
+            guard idle < 0 else { return false }
+            idle = fd
+            return true
+        }
+        if !kept { close(fd) }
+    }
+
+    deinit {
+        let fd = idle.withLock { $0 }
+        if fd >= 0 { close(fd) }
+    }
+
     private func take(blocking: Bool, create: Bool) throws(TabSyncError) -> Take {
         let path = isDirectory ? directory.path : directory.path(of: fileName)
         while true {
             let fd: Int32
-            if isDirectory {
+            let kept = idle.withLock { idle in
+                defer { idle = -1 }
+                return idle
+            }
+            if kept >= 0 {
+                fd = kept
+            } else if isDirectory {
                 fd = try directory.reopen()
             } else if create {
                 fd = try directory.openFile(fileName, flags: O_RDWR, create: true)
@@ -194,19 +220,23 @@ public final class FileLock: SessionLock {
             while flock(fd, blocking ? LOCK_EX : LOCK_EX | LOCK_NB) != 0 {
                 let errno = Errno.current
                 if errno == .interrupted { continue }
+                if errno == .wouldBlock {
+                    returnIdle(fd)
+                    return .busy
+                }
                 close(fd)
-                if errno == .wouldBlock { return .busy }
                 throw TabSyncError.system("flock", errno, path: path)
             }
             // The directory is the one opened (its path is checked by the caller); a file we
             // locked must still be the one at the name.
-            if isDirectory { return .held(FileLockHold(descriptor: fd)) }
+            if isDirectory { return .held(FileLockHold(descriptor: fd, lock: self)) }
             var held = stat()
             var current = stat()
             if fstat(fd, &held) == 0, fstatat(directory.descriptor, fileName, &current, AT_SYMLINK_NOFOLLOW) == 0,
                held.st_ino == current.st_ino, held.st_dev == current.st_dev {
-                return .held(FileLockHold(descriptor: fd))
+                return .held(FileLockHold(descriptor: fd, lock: self))
             }
+            // The file was replaced (or deleted) since this descriptor was opened: not kept.
             close(fd)
         }
     }
@@ -322,16 +352,25 @@ private final class BlockedAttempt: Sendable {
 /// A held `flock`. Closing the descriptor releases it.
 final class FileLockHold: SessionLockHold {
     private let descriptor: Mutex<Int32>
+    /// Where the descriptor goes back when released, for the next acquisition.
+    private let lock: FileLock
 
-    init(descriptor: Int32) {
+    init(descriptor: Int32, lock: FileLock) {
         self.descriptor = Mutex(descriptor)
+        self.lock = lock
     }
 
+    /// Unlocks with `LOCK_UN`, which releases the lock even when a child process forked
+    /// meanwhile shares the descriptor until its `exec` (a close would leave it held until the
+    /// child's copy closes too), and keeps the descriptor for the lock's next acquisition.
     func release() {
-        descriptor.withLock { fd in
-            if fd >= 0 { close(fd) }
-            fd = -1
+        let fd = descriptor.withLock { fd in
+            defer { fd = -1 }
+            return fd
         }
+        guard fd >= 0 else { return }
+        _ = flock(fd, LOCK_UN)
+        lock.returnIdle(fd)
     }
 
     deinit { release() }
