@@ -213,6 +213,22 @@ static int open_ack_ready(void) {
     return ack;
 }
 
+/// Reads the next batch of inotify events; returns whether one of them names `name`.
+static int wait_for_event(int inotify, const char *name) {
+    char events[4096] __attribute__((aligned(__alignof__(struct inotify_event))));
+    ssize_t n;
+    while ((n = read(inotify, events, sizeof events)) < 0) {
+        if (errno != EINTR) die("read inotify");
+    }
+    int relevant = 0;
+    for (char *p = events; p < events + n;) {
+        struct inotify_event *event = (struct inotify_event *)p;
+        if (event->len > 0 && strcmp(event->name, name) == 0) relevant = 1;
+        p += sizeof(struct inotify_event) + event->len;
+    }
+    return relevant;
+}
+
 /// The log reader: wakes at IN_MODIFY and reads the records after its offset.
 static int role_log_reader(void) {
     int dirfd = open_dir(), logfd = open_log(dirfd);
@@ -225,21 +241,9 @@ static int role_log_reader(void) {
     if (fstat(logfd, &info) != 0) die("fstat log");
     off_t offset = info.st_size - info.st_size % 16;
     int ack = open_ack_ready();
-    char events[4096] __attribute__((aligned(__alignof__(struct inotify_event))));
     int64_t records[256][2];
     while (changes == 0 || count < changes) {
-        ssize_t n = read(inotify, events, sizeof events);
-        if (n < 0) {
-            if (errno == EINTR) continue;
-            die("read inotify");
-        }
-        int relevant = 0;
-        for (char *p = events; p < events + n;) {
-            struct inotify_event *event = (struct inotify_event *)p;
-            if (event->len > 0 && strcmp(event->name, LOG) == 0) relevant = 1;
-            p += sizeof(struct inotify_event) + event->len;
-        }
-        if (!relevant || changes == 0) continue;
+        if (!wait_for_event(inotify, LOG) || changes == 0) continue;
         for (;;) {
             ssize_t got = pread(logfd, records, sizeof records, offset);
             if (got < 0) die("pread");
@@ -266,20 +270,8 @@ static int role_reader(void) {
     int64_t stamp;
     if (read_state(dirfd, &seq, &stamp) == 0) last = seq;
     int ack = open_ack_ready();
-    char events[4096] __attribute__((aligned(__alignof__(struct inotify_event))));
     while (changes == 0 || count < changes) {
-        ssize_t n = read(inotify, events, sizeof events);
-        if (n < 0) {
-            if (errno == EINTR) continue;
-            die("read inotify");
-        }
-        int relevant = 0;
-        for (char *p = events; p < events + n;) {
-            struct inotify_event *event = (struct inotify_event *)p;
-            if (event->len > 0 && strcmp(event->name, STATE) == 0) relevant = 1;
-            p += sizeof(struct inotify_event) + event->len;
-        }
-        if (!relevant || changes == 0) continue;
+        if (!wait_for_event(inotify, STATE) || changes == 0) continue;
         if (read_state(dirfd, &seq, &stamp) == 0 && seq > last) {
             last = seq;
             count = deliver(samples, count, stamp, ack);

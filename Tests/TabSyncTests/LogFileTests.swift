@@ -112,6 +112,33 @@ struct LogFileTests {
         #expect(after.prefix(complete.count) == complete && !after.contains(Data("torn".utf8)))
     }
 
+    /// A commit that scrubs is a new generation, written whole or not at all: one that cannot be
+    /// written (here: over the size limit) leaves the log, and this process's view of it, as
+    /// they were. The view used to take the commit's records before the write, so the next read
+    /// found the log shorter than the view and "recovered" it into a new store.
+    @Test func aScrubbingCommitThatCannotBeWrittenLeavesTheLogAsItWas() throws {
+        let directory = TemporaryDirectory()
+        var options = SharedStorage.Options()
+        options.maximumStateBytes = 4096
+        let storage = try SharedStorage(directory: directory.path, origin: "a", options: options)
+        try storage.set("token", "one")
+        let before = try storage.backend.snapshot()
+        var refused: TabSyncError?
+        do {
+            try storage.transaction { (transaction: inout SharedStorage.Transaction) throws(TabSyncError) in
+                transaction.set("token", String(repeating: "x", count: 8192))
+                transaction.scrubHistory(of: "token")
+            }
+        } catch {
+            refused = error
+        }
+        #expect(refused?.code == .stateTooLarge, "\(String(describing: refused))")
+        let after = try storage.backend.snapshot()
+        #expect(after.values == ["token": "one"] && after.position == before.position && after.recovery == nil, "\(after)")
+        #expect(!(try FileManager.default.contentsOfDirectory(atPath: directory.path)).contains { $0.contains("corrupt") })
+        #expect(try storage.set("token", "two") == 2)
+    }
+
     /// A planted log at the largest valid sequence number (2^53) takes commits without a crash
     /// or a loss: the storage goes on in a new store.
     @Test func aSequenceNumberAtTheLimitNeitherCrashesNorLosesAValue() throws {

@@ -135,8 +135,8 @@ public final class FileBackend: StorageBackend {
 
     /// What a look at the log found.
     private enum Look {
-        /// The view is up to date with the log's complete commits (and the records it read now).
-        case current([ChangeRecord])
+        /// The view is up to date with the log's complete commits.
+        case current
         /// There is no log.
         case missing
         /// The log needs the commit lock's holder: a tail to cut, or damage to recover from.
@@ -172,27 +172,23 @@ public final class FileBackend: StorageBackend {
             throw TabSyncError.system("fstatat", errno, path: location)
         }
         try SessionDirectory.checkRegular(info, path: location)
-        guard Int(info.st_size) <= maximumStateBytes else {
-            throw TabSyncError(
-                code: .stateTooLarge, path: location,
-                message: "The log has \(info.st_size) bytes, more than the limit of \(maximumStateBytes)")
-        }
+        try checkSize(Int(info.st_size), of: "The log has")
         if let generation = reader.generation, var view = reader.view,
            generation.device == UInt64(info.st_dev), generation.inode == UInt64(info.st_ino) {
             let size = Int(info.st_size)
-            if size == view.offset { return .current([]) }
+            if size == view.offset { return .current }
             if size < view.offset {
                 // Only a writer cutting a torn tail shortens the log, and never below a complete commit.
                 return .needsRepair(.damaged("the log is shorter (\(size) bytes) than its commits that were read (\(view.offset))"))
             }
             let bytes = try readAll(generation.descriptor, from: view.offset, count: size - view.offset)
             reader.view = nil  // the only reference while it changes: no copy of its records
-            let (applied, stop) = bytes.withUnsafeBytes { view.read($0, maximumLength: maximumStateBytes) }
+            let (_, stop) = bytes.withUnsafeBytes { view.read($0, maximumLength: maximumStateBytes) }
             reader.view = view
             if let regression = regression(reader) { return .needsRepair(regression) }
             remember(&reader)
             if let damage = try damage(stop, in: generation, view: view, locked: locked) { return .needsRepair(damage) }
-            return .current(applied)
+            return .current
         }
         // Another generation (or the first one this instance reads): read it whole.
         if !locked { try directory.verify() }
@@ -204,11 +200,7 @@ public final class FileBackend: StorageBackend {
             throw TabSyncError.system("fstat", errno, path: location)
         }
         let generation = Generation(descriptor: descriptor, info: opened)
-        guard Int(opened.st_size) <= maximumStateBytes else {
-            throw TabSyncError(
-                code: .stateTooLarge, path: location,
-                message: "The log has \(opened.st_size) bytes, more than the limit of \(maximumStateBytes)")
-        }
+        try checkSize(Int(opened.st_size), of: "The log has")
         let bytes = try readAll(descriptor, from: 0, count: Int(opened.st_size))
         let decoded: Result<LogFormat.Header, LogFormat.HeaderProblem> = bytes.withUnsafeBytes { LogFormat.decodeHeader($0) }
         let header: LogFormat.Header
@@ -234,7 +226,7 @@ public final class FileBackend: StorageBackend {
         if let regression = regression(reader) { return .needsRepair(regression) }
         remember(&reader)
         if let damage = try damage(stop, in: generation, view: view, locked: locked) { return .needsRepair(damage) }
-        return .current([])
+        return .current
     }
 
     /// A log never goes back in its store: one that does is a shorter or older copy put in place
@@ -388,11 +380,9 @@ public final class FileBackend: StorageBackend {
 
     /// The view of a generation this process encoded.
     static func view(of bytes: [UInt8], retention: Int) -> LogView {
-        guard case let .success(header) = bytes.withUnsafeBytes({ LogFormat.decodeHeader($0) }) else {
+        guard let view = LogView(generation: bytes, retention: retention, maximumLength: Int.max) else {
             preconditionFailure("a generation this process encoded has no valid header")
         }
-        var view = LogView(header: header, retention: retention)
-        _ = bytes.withUnsafeBytes { view.read(UnsafeRawBufferPointer(rebasing: $0[LogFormat.headerSize...]), maximumLength: Int.max) }
         return view
     }
 
@@ -498,7 +488,7 @@ public final class FileBackend: StorageBackend {
     private func writeGeneration(_ transaction: StoreTransaction, to reader: inout Reader, pending: [UInt8]?) throws(TabSyncError) {
         if let pending {
             var bytes = pending
-            Self.encode(transaction.records, salt: Array(pending[20..<36]), to: &bytes)
+            LogFormat.append(commit: transaction.records, salt: Array(pending[20..<36]), to: &bytes)
             if transaction.scrubbedKeys.isEmpty {
                 try replace(&reader, with: bytes)
             } else {
@@ -509,13 +499,13 @@ public final class FileBackend: StorageBackend {
             if try !hasLegacyMarker() { try writeLegacyMarker() }
             return
         }
-        // No earlier value of a scrubbed key may survive.
+        // No earlier value of a scrubbed key may survive. The commit's records are applied to a
+        // copy of the view: the view itself changes only once the new generation is in place.
         guard var view = reader.view else { return }
         var bytes: [UInt8] = []
-        Self.encode(transaction.records, salt: view.header.salt, to: &bytes)
-        reader.view = nil
+        LogFormat.append(commit: transaction.records, salt: view.header.salt, to: &bytes)
+        try checkSize(view.offset + bytes.count, of: "The log would have")
         _ = bytes.withUnsafeBytes { view.read($0, maximumLength: maximumStateBytes) }
-        reader.view = view
         try replace(&reader, with: view.compacted(salt: Self.salt(), flags: .secret, retained: 0))
     }
 
@@ -529,12 +519,8 @@ public final class FileBackend: StorageBackend {
             guard let generation = reader.generation, var view = reader.view else { return nil }
             let offset = view.offset
             var bytes: [UInt8] = []
-            Self.encode(records, salt: view.header.salt, to: &bytes)
-            guard offset + bytes.count <= maximumStateBytes else {
-                throw TabSyncError(
-                    code: .stateTooLarge, path: location,
-                    message: "The log would have \(offset + bytes.count) bytes, more than the limit of \(maximumStateBytes)")
-            }
+            LogFormat.append(commit: records, salt: view.header.salt, to: &bytes)
+            try checkSize(offset + bytes.count, of: "The log would have")
             do throws(TabSyncError) {
                 var done = 0
                 while done < bytes.count {
@@ -587,13 +573,12 @@ public final class FileBackend: StorageBackend {
     /// Compactions that failed (the commit before each went in), for diagnostics and tests.
     let compactionFailures = Atomic<Int>(0)
 
-    /// The records of a commit, the last one marked as its end.
-    private static func encode(_ records: [ChangeRecord], salt: [UInt8], to bytes: inout [UInt8]) {
-        for (index, record) in records.enumerated() {
-            let change = LogFormat.Change(key: record.key, value: record.newValue, origin: record.origin, instance: record.instance, time: record.time)
-            LogFormat.append(
-                LogFormat.Record(sequence: record.sequence, flags: index == records.count - 1 ? .commitEnd : [], body: .change(change)),
-                salt: salt, to: &bytes)
+    /// Refuses a log (or one to be written) of `size` bytes over the limit.
+    private func checkSize(_ size: Int, of what: String) throws(TabSyncError) {
+        guard size <= maximumStateBytes else {
+            throw TabSyncError(
+                code: .stateTooLarge, path: location,
+                message: "\(what) \(size) bytes, more than the limit of \(maximumStateBytes)")
         }
     }
 
@@ -604,11 +589,9 @@ public final class FileBackend: StorageBackend {
     /// The generation's first `offset` bytes read again into a view that keeps `retention` records.
     private func fullView(of generation: Generation, through offset: Int, retention: Int) throws(TabSyncError) -> LogView {
         let bytes = try readAll(generation.descriptor, from: 0, count: offset)
-        guard case let .success(header) = bytes.withUnsafeBytes({ LogFormat.decodeHeader($0) }) else {
+        guard let view = LogView(generation: bytes, retention: retention, maximumLength: maximumStateBytes) else {
             throw TabSyncError(code: .corruptState, path: location, message: "The log's header changed under its readers")
         }
-        var view = LogView(header: header, retention: max(1, retention))
-        _ = bytes.withUnsafeBytes { view.read(UnsafeRawBufferPointer(rebasing: $0[LogFormat.headerSize...]), maximumLength: maximumStateBytes) }
         return view
     }
 
@@ -616,11 +599,7 @@ public final class FileBackend: StorageBackend {
     /// the view.
     private func replace(_ reader: inout Reader, with bytes: [UInt8]) throws(TabSyncError) {
         let temporaryPath = directory.path(of: temporaryName)
-        guard bytes.count <= maximumStateBytes else {
-            throw TabSyncError(
-                code: .stateTooLarge, path: location,
-                message: "The new log would have \(bytes.count) bytes, more than the limit of \(maximumStateBytes)")
-        }
+        try checkSize(bytes.count, of: "The new log would have")
         // A writer killed mid-compaction may have left a temporary file; it never became the log.
         _ = unlinkat(directory.descriptor, temporaryName, 0)
         let fd = try directory.openFile(temporaryName, flags: O_RDWR | O_EXCL, create: true)

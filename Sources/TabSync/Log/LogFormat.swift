@@ -118,6 +118,14 @@ enum LogFormat {
         append(crc, to: &bytes)
     }
 
+    /// Appends the records of one commit, the last one marked as its end.
+    static func append(commit records: some Collection<JournalEntry>, salt: [UInt8], to bytes: inout [UInt8]) {
+        for (index, record) in records.enumerated() {
+            let change = Change(key: record.key, value: record.newValue, origin: record.origin, instance: record.instance, time: record.time)
+            append(Record(sequence: record.sequence, flags: index == records.count - 1 ? .commitEnd : [], body: .change(change)), salt: salt, to: &bytes)
+        }
+    }
+
     private static func append<T: FixedWidthInteger>(_ value: T, to bytes: inout [UInt8]) {
         withUnsafeBytes(of: value.littleEndian) { bytes.append(contentsOf: $0) }
     }

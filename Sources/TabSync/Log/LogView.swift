@@ -29,6 +29,13 @@ struct LogView: Sendable {
         self.retention = max(1, retention)
     }
 
+    /// A whole generation (header and records) read into a view; nil when its header is not valid.
+    init?(generation bytes: [UInt8], retention: Int, maximumLength: Int) {
+        guard case let .success(header) = bytes.withUnsafeBytes({ LogFormat.decodeHeader($0) }) else { return nil }
+        self.init(header: header, retention: retention)
+        _ = bytes.withUnsafeBytes { read(UnsafeRawBufferPointer(rebasing: $0[LogFormat.headerSize...]), maximumLength: maximumLength) }
+    }
+
     /// Why reading stopped.
     enum Stop: Sendable, Equatable {
         /// At the end of the bytes, after a complete commit.
@@ -141,21 +148,16 @@ struct LogView: Sendable {
         return window[Int(sequence - windowBase)...]
     }
 
-    /// A new generation with this one's values and its last `retained` records (all of them
-    /// with nil), in `store` (this one's unless given): the header and records, encoded.
-    func compacted(salt: [UInt8], flags: LogFormat.HeaderFlags, retained: Int?, store: String? = nil, recovery: String? = nil) -> [UInt8] {
+    /// A new generation of the same store with this one's values and its last `retained`
+    /// records (all of them with nil): the header and records, encoded.
+    func compacted(salt: [UInt8], flags: LogFormat.HeaderFlags, retained: Int?) -> [UInt8] {
         var view = self
         view.trimWindow(to: min(retained ?? window.count, window.count))
-        let header = LogFormat.Header(flags: flags, salt: salt, base: view.windowBase)
-        var bytes = LogFormat.header(header)
-        let snapshot = LogFormat.Snapshot(
-            store: store ?? self.store, recovery: recovery ?? (store == nil ? self.recovery : nil),
-            values: view.baseValues, origins: view.baseOrigins)
+        var bytes = LogFormat.header(LogFormat.Header(flags: flags, salt: salt, base: view.windowBase))
+        let snapshot = LogFormat.Snapshot(store: store, recovery: recovery, values: view.baseValues, origins: view.baseOrigins)
         LogFormat.append(LogFormat.Record(sequence: view.windowBase, flags: [.snapshot, .commitEnd], body: .snapshot(snapshot)), salt: salt, to: &bytes)
-        for (index, record) in view.window.enumerated() {
-            let change = LogFormat.Change(key: record.key, value: record.newValue, origin: record.origin, instance: record.instance, time: record.time)
-            LogFormat.append(LogFormat.Record(sequence: record.sequence, flags: index == view.window.count - 1 ? .commitEnd : [], body: .change(change)), salt: salt, to: &bytes)
-        }
+        // The retained records as one commit: a reader applies them together.
+        LogFormat.append(commit: view.window, salt: salt, to: &bytes)
         return bytes
     }
 
