@@ -223,6 +223,7 @@ func runStartingServer(_ command: [String]) -> Int32 {
     posix_spawn_file_actions_init(&actions)
     defer { posix_spawn_file_actions_destroy(&actions) }
     for fd: Int32 in 0...2 { posix_spawn_file_actions_addopen(&actions, fd, "/dev/null", fd == 0 ? O_RDONLY : O_WRONLY, 0) }
+    closeInheritedDescriptors(&actions)
     let argv = command.map { strdup($0) } + [nil]
     defer { argv.forEach { free($0) } }
     var pid: pid_t = 0
@@ -230,6 +231,18 @@ func runStartingServer(_ command: [String]) -> Int32 {
     var status: Int32 = 0
     while waitpid(pid, &status, 0) < 0, errno == EINTR {}
     return status
+}
+
+/// Adds to `actions` the closing of every descriptor above the standard streams in the child
+/// (glibc's `posix_spawn_file_actions_addclosefrom_np`, looked up at run time: Swift's Glibc
+/// does not import it). A child that outlives this call (a server it starts) would otherwise
+/// keep what any thread of the test process had open at that moment, among them the socket by
+/// which Foundation's `Process` learns that another child exited: that child's exit then goes
+/// unnoticed for as long as the server runs (seen as a `tab` left a zombie for 20 s).
+func closeInheritedDescriptors(_ actions: inout posix_spawn_file_actions_t) {
+    typealias CloseFrom = @convention(c) (UnsafeMutablePointer<posix_spawn_file_actions_t>, Int32) -> Int32
+    guard let symbol = dlsym(UnsafeMutableRawPointer(bitPattern: 0), "posix_spawn_file_actions_addclosefrom_np") else { return }
+    _ = unsafeBitCast(symbol, to: CloseFrom.self)(&actions, 3)
 }
 
 /// A small HTTP helper for the servers' control endpoints.
