@@ -431,7 +431,8 @@ public final class SharedStorage: Sendable {
     /// the lowest latency. `handler` runs on TabSync's watcher thread, which serves every storage
     /// of the process: it must return quickly and must not wait for anything (a lock, the
     /// network, a call into this storage that commits). Delivery stops when the returned
-    /// subscription is cancelled or the storage closes.
+    /// subscription is cancelled or the storage closes; `onClose`, when given, is called once
+    /// when the storage closes (at once if it is closed already), and never after a cancel.
     ///
     /// ```swift
     /// let subscription = storage.onNotification { notification in
@@ -439,15 +440,17 @@ public final class SharedStorage: Sendable {
     /// }
     /// ```
     public func onNotification(
-        includingOwnChanges: Bool = false, _ handler: @escaping @Sendable (StorageNotification) -> Void
+        includingOwnChanges: Bool = false, onClose: (@Sendable () -> Void)? = nil,
+        _ handler: @escaping @Sendable (StorageNotification) -> Void
     ) -> NotificationSubscription {
         let id: UInt64? = delivery.withLock { delivery in
             guard !delivery.closed else { return nil }
             let id = delivery.nextSubscriber
             delivery.nextSubscriber += 1
-            delivery.subscribers[id] = Subscriber(includeOwn: includingOwnChanges, deliver: handler, finish: {})
+            delivery.subscribers[id] = Subscriber(includeOwn: includingOwnChanges, deliver: handler, finish: onClose ?? {})
             return id
         }
+        if id == nil { onClose?() }
         return NotificationSubscription { [weak self] in
             guard let id else { return }
             let removed = self?.delivery.withLock { $0.subscribers.removeValue(forKey: id) }

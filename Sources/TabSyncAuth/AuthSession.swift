@@ -405,8 +405,16 @@ public final class AuthSession: Sendable {
     private func electAndRefresh(generation: Int, margin: Int64) async -> Result<Attempt, AuthError> {
         let lock: any SessionLock
         do { lock = try storage.lock(named: "refresh") } catch { return .failure(.storage(error)) }
-        // Subscribe before looking, so that an outcome published meanwhile is not missed.
-        let changes = storage.events(includingOwnChanges: true)
+        // Subscribe before looking, so that an outcome published meanwhile is not missed. The
+        // watcher thread looks at each change of the record and wakes this task only for one
+        // that moved the session on: the refresher's own marker does not wake the waiters.
+        let (outcomes, outcome) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
+        let subscription = storage.onNotification(includingOwnChanges: true, onClose: { outcome.finish() }) { notification in
+            guard case let .change(event) = notification, Self.concernsRecord(event),
+                  self.movedOn(SessionRecord.decode(event.newValue) ?? SessionRecord(), from: generation) else { return }
+            outcome.yield()
+        }
+        defer { subscription.cancel() }
         var hold: (any SessionLockHold)?
         do {
             hold = try lock.tryAcquire()
@@ -414,7 +422,7 @@ public final class AuthSession: Sendable {
             return .failure(.storage(error))
         }
         if hold == nil {
-            switch await waitForOutcomeOrLock(lock, generation: generation, changes: changes) {
+            switch await waitForOutcomeOrLock(lock, generation: generation, outcomes: outcomes) {
             case let .locked(taken): hold = taken
             case let .movedOn(record): return .success(.movedOn(record))
             case .timedOut: return .failure(refreshTimeout())
@@ -438,7 +446,7 @@ public final class AuthSession: Sendable {
 
     /// The lock (its holder is gone, or finished without publishing), the record moving on, or
     /// the bound, whichever comes first.
-    private func waitForOutcomeOrLock(_ lock: any SessionLock, generation: Int, changes: AsyncStream<StorageEvent>) async -> Wait {
+    private func waitForOutcomeOrLock(_ lock: any SessionLock, generation: Int, outcomes: AsyncStream<Void>) async -> Wait {
         let limit = refreshWaitLimit
         return await withTaskGroup(of: Wait?.self) { group in
             group.addTask {
@@ -450,16 +458,12 @@ public final class AuthSession: Sendable {
                 }
             }
             group.addTask {
-                let movedOn = { (record: SessionRecord) in
-                    record.generation != generation || record.state != .signedIn || (record.backoffUntil ?? .min) > self.now
-                }
-                for await event in changes where event.key == SessionRecord.key || event.key == nil {
+                for await _ in outcomes {
                     // This process's view may lag behind the store (a busy watcher, a loaded
                     // machine), and then an event is an old change: one of an earlier refresh
                     // would hand over an outdated token. The stored record decides.
-                    guard movedOn(SessionRecord.decode(event.newValue) ?? SessionRecord()) else { continue }
                     guard let (latest, _) = try? self.record() else { continue }
-                    if movedOn(latest) { return .movedOn(latest) }
+                    if self.movedOn(latest, from: generation) { return .movedOn(latest) }
                 }
                 return nil
             }
@@ -475,6 +479,12 @@ public final class AuthSession: Sendable {
             for await late in group { if case let .locked(hold)? = late { hold.release() } }
             return first ?? .timedOut
         }
+    }
+
+    /// Whether the session moved on from a refresh of `generation`: a new token, a sign-out, or
+    /// a shared backoff that tells this process not to try now.
+    private func movedOn(_ record: SessionRecord, from generation: Int) -> Bool {
+        record.generation != generation || record.state != .signedIn || (record.backoffUntil ?? .min) > now
     }
 
     /// The error for a wait that hit its bound, naming the refresher as the record shows it.
@@ -598,11 +608,12 @@ public final class AuthSession: Sendable {
     /// minutes), so that a wall clock set forward meanwhile is noticed within that time.
     public func run() async {
         let (wakes, wake) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
-        let changes = storage.events(includingOwnChanges: true)
-        let forwarder = Task {
-            for await _ in changes { wake.yield() }
+        // Woken on the watcher thread, and only by a change of the record: no task of its own
+        // runs for each change of the storage.
+        let subscription = storage.onNotification(includingOwnChanges: true) { notification in
+            if case let .change(event) = notification, Self.concernsRecord(event) { wake.yield() }
         }
-        defer { forwarder.cancel() }
+        defer { subscription.cancel() }
         var warned: Set<Int64> = []
         var failures = 0
         var retryAfter: Int64?
@@ -676,28 +687,31 @@ public final class AuthSession: Sendable {
     /// Session events, from now on: sign-in, refresh, sign-out (with reason) whichever process
     /// caused them, this one included; `expiring` notices while ``run()`` runs in this process.
     public func events() -> AsyncStream<SessionEvent> {
-        let notifications = storage.notifications(includingOwnChanges: true)
-        return AsyncStream { continuation in
+        AsyncStream { continuation in
             let id = noticeIDs.add(1, ordering: .relaxed).newValue
             notices.withLock { $0[id] = continuation }
-            let task = Task {
-                for await notification in notifications {
-                    switch notification {
-                    case let .change(event):
-                        if let sessionEvent = Self.sessionEvent(from: event) { continuation.yield(sessionEvent) }
-                    case let .problem(error):
-                        continuation.yield(.problem(.storage(error)))
-                    case .detectionChanged:
-                        break
-                    }
+            // Mapped where the storage delivers (its watcher thread: decoding the record is
+            // quick, and usually remembered), so that a change costs one hop, to the consumer.
+            let subscription = storage.onNotification(includingOwnChanges: true, onClose: { continuation.finish() }) { notification in
+                switch notification {
+                case let .change(event):
+                    if let sessionEvent = Self.sessionEvent(from: event) { continuation.yield(sessionEvent) }
+                case let .problem(error):
+                    continuation.yield(.problem(.storage(error)))
+                case .detectionChanged:
+                    break
                 }
-                continuation.finish()
             }
             continuation.onTermination = { [weak self] _ in
-                task.cancel()
+                subscription.cancel()
                 _ = self?.notices.withLock { $0.removeValue(forKey: id) }
             }
         }
+    }
+
+    /// Whether `event` may change the session: a change of the record, or a clear.
+    static func concernsRecord(_ event: StorageEvent) -> Bool {
+        event.key == SessionRecord.key || event.key == nil
     }
 
     private func broadcast(_ event: SessionEvent) {

@@ -4,13 +4,14 @@ import Synchronization
 
 /// The shared session as stored under the key `record` of the storage `session`.
 /// Times are milliseconds since 1970 (wall clock). Tokens live only here, in a 0600 file.
-struct SessionRecord: Codable, Sendable, Equatable {
-    enum State: String, Codable, Sendable { case signedIn, signedOut }
-    enum EventKind: String, Codable, Sendable { case signedIn, refreshed, signedOut }
+/// Its JSON text is read and written by hand (SessionRecordCodec.swift).
+struct SessionRecord: Sendable, Equatable {
+    enum State: String, Sendable { case signedIn, signedOut }
+    enum EventKind: String, Sendable { case signedIn, refreshed, signedOut }
 
     /// A refresh that a process started: if that process died, the refresh token may have been
     /// rotated at the server already, so nobody may present it again.
-    struct Refreshing: Codable, Sendable, Equatable {
+    struct Refreshing: Sendable, Equatable {
         var generation: Int
         var pid: Int32
         var origin: String
@@ -43,9 +44,10 @@ struct SessionRecord: Codable, Sendable, Equatable {
 
     static let key = "record"
 
-    /// The last record decoded in this process, with its text: every process reads the record on
-    /// every change to the session, and between changes it is the same text.
-    private static let lastDecoded = Mutex<(text: String, record: SessionRecord)?>(nil)
+    /// The last two records decoded in this process, with their texts, newest first: every
+    /// process reads the record on every change to the session, and a change's old value is the
+    /// one before's new value.
+    private static let lastDecoded = Mutex<[(text: String, record: SessionRecord)]>([])
 
     /// The record stored as `text`, or nil when there is none or it is invalid (see ``check(_:)``):
     /// an invalid record counts as signed out, and signing in replaces it.
@@ -57,14 +59,20 @@ struct SessionRecord: Codable, Sendable, Equatable {
 
     /// The record stored as `text`, or why it cannot be used.
     static func decodeChecked(_ text: String) -> Result<SessionRecord, AuthError> {
-        if let last = lastDecoded.withLock({ $0 }), last.text.utf8.elementsEqual(text.utf8) { return .success(last.record) }
-        guard text.utf8.count <= 1 << 20, let record = try? JSONDecoder().decode(SessionRecord.self, from: Data(text.utf8)) else {
+        let remembered = lastDecoded.withLock { entries in
+            entries.first { $0.text.utf8.elementsEqual(text.utf8) }?.record
+        }
+        if let remembered { return .success(remembered) }
+        guard text.utf8.count <= 1 << 20, let record = parse(text) else {
             return .failure(AuthError(code: .invalidRecord, message: "The shared session record is not readable; the session counts as signed out until someone signs in"))
         }
         if let problem = record.problem {
             return .failure(AuthError(code: .invalidRecord, message: "The shared session record is refused (\(problem)); the session counts as signed out until someone signs in"))
         }
-        lastDecoded.withLock { $0 = (text, record) }
+        lastDecoded.withLock { entries in
+            entries.insert((text, record), at: 0)
+            if entries.count > 2 { entries.removeLast() }
+        }
         return .success(record)
     }
 
@@ -87,12 +95,6 @@ struct SessionRecord: Codable, Sendable, Equatable {
             if let value, !(0...(1 << 53)).contains(value) { return "\(name) \(value) is out of range" }
         }
         return nil
-    }
-
-    func encoded() -> String {
-        let encoder = JSONEncoder()
-        encoder.outputFormatting = .sortedKeys
-        return String(decoding: (try? encoder.encode(self)) ?? Data("{}".utf8), as: UTF8.self)
     }
 
     /// The access token's lifetime, when both ends are known.

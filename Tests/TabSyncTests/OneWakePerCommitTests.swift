@@ -65,7 +65,7 @@ extension WatcherThreadTests {
                 for index in 1...commits {
                     let seen = fences.load(ordering: .acquiring)
                     try await writer.set("k", "\(round).\(index)")
-                    close(open(directory.file("fence"), O_WRONLY | O_CREAT, 0o600))
+                    Self.touch(directory.file("fence"))
                     let deadline = ContinuousClock.now + .seconds(20)
                     while fences.load(ordering: .acquiring) == seen, ContinuousClock.now < deadline {
                         try await Task.sleep(for: .milliseconds(1))
@@ -80,6 +80,48 @@ extension WatcherThreadTests {
             #expect(counted == commits, "\(String(describing: counted)) signals for \(commits) commits")
             // A move to polling (whose ticks are signals too) would make the count meaningless.
             #expect(detections.withLock { $0 }.isEmpty, "still on inotify: \(detections.withLock { $0 })")
+        }
+
+        /// Taking and releasing locks wakes no watcher: each release closes a descriptor opened
+        /// read-write, and were the directory watched for IN_CLOSE_WRITE, every process of a
+        /// refresh storm would wake every other process's watcher thread for each of them.
+        @Test func takingAndReleasingLocksWakesNoWatcher() async throws {
+            let directory = TemporaryDirectory()
+            let storage = try SharedStorage(directory: directory.path, origin: "locker")
+            let session = try SessionDirectory(path: directory.path)
+            // Whatever the kernel reports for the lock files (any event bit), and a fence.
+            let woken = Atomic<Int>(0), fences = Atomic<Int>(0)
+            let (locks, detection) = ChangeWatcher.shared.register(
+                directory: session, names: ["storage.refresh.lock", "storage.lock"], events: UInt32.max, pollInterval: .seconds(1)
+            ) { _ in woken.add(1, ordering: .relaxed) }
+            defer { ChangeWatcher.shared.unregister(locks) }
+            try #require(detection == .inotify, "this test needs inotify")
+            let (fence, _) = ChangeWatcher.shared.register(
+                directory: session, names: ["fence"], pollInterval: .seconds(1)
+            ) { _ in fences.add(1, ordering: .releasing) }
+            defer { ChangeWatcher.shared.unregister(fence) }
+
+            for round in 0..<100 {
+                // A new lock object each time, as each refresh attempt takes one: it opens the
+                // file, and closes it when released and gone.
+                let lock = try storage.lock(named: "refresh")
+                let hold = try #require(try lock.tryAcquire(), "round \(round): the lock is free")
+                hold.release()
+                try await storage.set("k", "\(round)")
+            }
+            // Events are dispatched in order: once the fence's has come, every event before it has too.
+            Self.touch(directory.file("fence"))
+            let deadline = ContinuousClock.now + .seconds(20)
+            while fences.load(ordering: .acquiring) == 0, ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(1)) }
+            try #require(fences.load(ordering: .acquiring) > 0, "the fence came through")
+            #expect(woken.load(ordering: .relaxed) == 0, "the lock files raised \(woken.load(ordering: .relaxed)) events")
+        }
+
+        /// One write to `path`: one IN_MODIFY.
+        static func touch(_ path: String) {
+            let fd = open(path, O_WRONLY | O_CREAT | O_APPEND, 0o600)
+            _ = write(fd, "x", 1)
+            close(fd)
         }
     }
 }

@@ -40,6 +40,7 @@ struct WatcherOverflowTests {
         }
         defer { ChangeWatcher.shared.unregister(stall) }
         let fd = open(directory.file("stall"), O_WRONLY | O_CREAT, 0o600)
+        _ = write(fd, "x", 1)
         close(fd)
         #expect(entered.wait(timeout: .now() + 10) == .success, "the watcher thread ran the stalling handler")
 
@@ -53,10 +54,10 @@ struct WatcherOverflowTests {
             .trimmingCharacters(in: .whitespacesAndNewlines) ?? "") ?? 16384
         let overflowsBefore = ChangeWatcher.shared.overflowCount.load(ordering: .relaxed)
         let final = try await offPool {
-            for index in 0..<(queueSize + 100) {
-                let fd = open(directory.file("junk\(index % 2)"), O_WRONLY | O_CREAT, 0o600)
-                if fd >= 0 { close(fd) }
-            }
+            // One write each: one IN_MODIFY (TabSync does not watch for closes).
+            let junk = [open(directory.file("junk0"), O_WRONLY | O_CREAT, 0o600), open(directory.file("junk1"), O_WRONLY | O_CREAT, 0o600)]
+            defer { for fd in junk where fd >= 0 { close(fd) } }
+            for index in 0..<(queueSize + 100) { _ = write(junk[index % 2], "x", 1) }
             for index in 1...200 { try writer.set("k\(index % 8)", "\(index)") }
             return try writer.snapshot()
         }

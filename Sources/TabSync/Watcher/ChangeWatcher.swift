@@ -111,22 +111,17 @@ final class ChangeWatcher: Sendable {
     /// Overflows seen (IN_Q_OVERFLOW), for tests and diagnostics.
     let overflowCount = Atomic<Int>(0)
 
-    /// Everything the directory's watch reports about its files.
-    static let allFileEvents = UInt32(IN_MOVED_TO | IN_CLOSE_WRITE | IN_DELETE | IN_MOVED_FROM | IN_MODIFY)
+    /// Everything the directory's watch reports about its files. Not `IN_CLOSE_WRITE`: every
+    /// process opens its lock files read-write, and the kernel raises that event for each close
+    /// of such a descriptor, written or not, to every process watching the directory. A storm of
+    /// N processes, each taking and releasing the refresh lock, then woke each of the N watcher
+    /// threads N times (a tenth of a waiting tab's CPU at N = 64).
+    static let allFileEvents = UInt32(IN_MOVED_TO | IN_DELETE | IN_MOVED_FROM | IN_MODIFY)
 
     /// A log appended to in place, replaced by rename, moved away or deleted: each append is one
     /// write, so one `IN_MODIFY`. Not a close after writing: a child process forked while the
     /// log is open (any `posix_spawn` or `Process` of the app) closes it at its `exec`.
     static let logEvents = UInt32(IN_MODIFY | IN_MOVED_TO | IN_DELETE | IN_MOVED_FROM)
-
-    /// A file replaced by rename, moved away or deleted; not a close after writing.
-    ///
-    /// A file that is only ever replaced by rename needs no `IN_CLOSE_WRITE`, and would get
-    /// spurious ones: a child process forked while the writer's temporary file is open (any
-    /// `posix_spawn` or `Process` of the app, on any thread) holds that file until its `exec`,
-    /// and the close that then comes raises `IN_CLOSE_WRITE` under the name the file was
-    /// renamed to, after its `IN_MOVED_TO`.
-    static let replacementEvents = UInt32(IN_MOVED_TO | IN_DELETE | IN_MOVED_FROM)
 
     /// Watches `directory` for `events` on the files called `names`; whatever the events, the
     /// directory's own deletion or move and a queue overflow signal every registration.
