@@ -105,6 +105,7 @@ public final class AuthSession: Sendable {
     public let client: OAuthClient?
     let options: Options
     private let inFlight = Mutex<(generation: Int, task: Task<Result<Attempt, AuthError>, Never>)?>(nil)
+    private let refreshLockCache = Mutex<(any SessionLock)?>(nil)
     private let notices = Mutex<[UInt64: AsyncStream<SessionEvent>.Continuation]>([:])
     private let noticeIDs = Atomic<UInt64>(0)
     private let clockGuard = ClockGuard()
@@ -404,15 +405,15 @@ public final class AuthSession: Sendable {
     /// Takes the refresh lock, or waits (bounded) for whoever has it to publish an outcome.
     private func electAndRefresh(generation: Int, margin: Int64) async -> Result<Attempt, AuthError> {
         let lock: any SessionLock
-        do { lock = try storage.lock(named: "refresh") } catch { return .failure(.storage(error)) }
+        do { lock = try refreshLock() } catch { return .failure(.storage(error)) }
         // Subscribe before looking, so that an outcome published meanwhile is not missed. The
         // watcher thread looks at each change of the record and wakes this task only for one
         // that moved the session on: the refresher's own marker does not wake the waiters.
-        let (outcomes, outcome) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
-        let subscription = storage.onNotification(includingOwnChanges: true, onClose: { outcome.finish() }) { notification in
+        let outcome = Wakeup()
+        let subscription = storage.onNotification(includingOwnChanges: true) { notification in
             guard case let .change(event) = notification, Self.concernsRecord(event),
                   self.movedOn(SessionRecord.decode(event.newValue) ?? SessionRecord(), from: generation) else { return }
-            outcome.yield()
+            outcome.signal()
         }
         defer { subscription.cancel() }
         var hold: (any SessionLockHold)?
@@ -422,7 +423,7 @@ public final class AuthSession: Sendable {
             return .failure(.storage(error))
         }
         if hold == nil {
-            switch await waitForOutcomeOrLock(lock, generation: generation, outcomes: outcomes) {
+            switch await waitForOutcomeOrLock(lock, generation: generation, outcome: outcome) {
             case let .locked(taken): hold = taken
             case let .movedOn(record): return .success(.movedOn(record))
             case .timedOut: return .failure(refreshTimeout())
@@ -445,39 +446,36 @@ public final class AuthSession: Sendable {
     }
 
     /// The lock (its holder is gone, or finished without publishing), the record moving on, or
-    /// the bound, whichever comes first.
-    private func waitForOutcomeOrLock(_ lock: any SessionLock, generation: Int, outcomes: AsyncStream<Void>) async -> Wait {
-        let limit = refreshWaitLimit
-        return await withTaskGroup(of: Wait?.self) { group in
-            group.addTask {
-                // The outcome normally comes as a storage event; the lock matters only when its
-                // holder died without one, so it is looked at ten times a second, not raced for.
-                while true {
-                    do { try await Task.sleep(for: .milliseconds(100)) } catch { return nil }
-                    if let hold = try? lock.tryAcquire() { return .locked(hold) }
-                }
+    /// the bound, whichever comes first. One loop in the attempt's task: the watcher thread's
+    /// signal or a tenth of a second ends each turn, so that a storm of waiting processes costs
+    /// no task, stream or timer per change.
+    private func waitForOutcomeOrLock(_ lock: any SessionLock, generation: Int, outcome: Wakeup) async -> Wait {
+        let deadline = ContinuousClock.now + refreshWaitLimit
+        // The outcome normally comes as a storage event; the lock matters only when its holder
+        // died without one, so it is looked at ten times a second, not raced for.
+        var nextLook = ContinuousClock.now + .milliseconds(100)
+        while true {
+            let now = ContinuousClock.now
+            if now >= deadline { return .timedOut }
+            if now >= nextLook {
+                if let hold = try? lock.tryAcquire() { return .locked(hold) }
+                nextLook = now + .milliseconds(100)
             }
-            group.addTask {
-                for await _ in outcomes {
-                    // This process's view may lag behind the store (a busy watcher, a loaded
-                    // machine), and then an event is an old change: one of an earlier refresh
-                    // would hand over an outdated token. The stored record decides.
-                    guard let (latest, _) = try? self.record() else { continue }
-                    if self.movedOn(latest, from: generation) { return .movedOn(latest) }
-                }
-                return nil
-            }
-            group.addTask {
-                do { try await Task.sleep(for: limit) } catch { return nil }
-                return .timedOut
-            }
-            var first: Wait?
-            while first == nil, let next = await group.next() { first = next }
-            group.cancelAll()
-            // A lock taken after cancellation is released by the lock's waiter; one taken by a
-            // task that finished second is released here.
-            for await late in group { if case let .locked(hold)? = late { hold.release() } }
-            return first ?? .timedOut
+            guard await outcome.wait(for: min(nextLook, deadline) - now) else { continue }
+            // This process's view may lag behind the store (a busy watcher, a loaded machine),
+            // and then an event is an old change: one of an earlier refresh would hand over an
+            // outdated token. The stored record decides.
+            if let (latest, _) = try? record(), movedOn(latest, from: generation) { return .movedOn(latest) }
+        }
+    }
+
+    /// The refresh lock, made once: it keeps its descriptor between attempts.
+    private func refreshLock() throws(TabSyncError) -> any SessionLock {
+        try refreshLockCache.withLock { cached throws(TabSyncError) in
+            if let cached { return cached }
+            let lock = try storage.lock(named: "refresh")
+            cached = lock
+            return lock
         }
     }
 

@@ -16,7 +16,8 @@
 // two the range checks behind the decoder would hardly be reached.
 //
 // Any input must either decode to a record that its own range check (`problem`) accepts, or
-// fail with an invalidRecord error. A record that decodes must survive encoding and decoding
+// fail with an invalidRecord error; a record that decodes must be what Foundation's
+// JSONSerialization, an independent parser, reads from the same text (the decoder is hand-written). A record that decodes must survive encoding and decoding
 // again, its deadlines (idle and absolute timeouts added to its start and activity times) must
 // not overflow, and ClockGuard.trusted, announce, signOut and install on it must give records
 // that still pass the check. A crash, a trap or any other error is a finding.
@@ -49,6 +50,7 @@ private func check(_ text: String) {
         record = decoded
     }
     checkRecord(record, "a decoded record")
+    checkAgainstFoundation(text, record)
 
     let trusted = ClockGuard().trusted(record, now: now)
     checkRecord(trusted, "ClockGuard.trusted's record")
@@ -83,6 +85,31 @@ private func checkRecord(_ record: SessionRecord, _ what: String) {
         fatalError("\(what) does not decode again from its encoding: \(text)")
     }
     if again != record { fatalError("\(what) decodes to a different record from its encoding: \(text)") }
+}
+
+/// The hand-written decoder against Foundation's JSON parser, an independent second one: a text
+/// it accepts is a JSON object to Foundation too, whose members give the same record.
+private func checkAgainstFoundation(_ text: String, _ record: SessionRecord) {
+    guard let object = (try? JSONSerialization.jsonObject(with: Data(text.utf8))) as? [String: Any] else {
+        fatalError("decodeChecked accepted what JSONSerialization does not read as an object: \(text)")
+    }
+    func integer(_ value: Any?) -> Int64? { (value as? NSNumber)?.int64Value }
+    func string(_ value: Any?) -> String? { value as? String }
+    let refreshing = object["refreshing"] as? [String: Any]
+    let agrees = string(object["state"]) == record.state.rawValue
+        && string(object["accessToken"]) == record.accessToken && string(object["refreshToken"]) == record.refreshToken
+        && integer(object["expiresAt"]) == record.expiresAt && integer(object["issuedAt"]) == record.issuedAt
+        && integer(object["startedAt"]) == record.startedAt && integer(object["lastActivity"]) == record.lastActivity
+        && integer(object["idleTimeout"]) == record.idleTimeout && integer(object["absoluteTimeout"]) == record.absoluteTimeout
+        && integer(object["warningLead"]) == record.warningLead && integer(object["generation"]) == Int64(record.generation)
+        && string(object["reason"]) == record.reason?.rawValue && integer(object["failures"]) == Int64(record.failures)
+        && integer(object["backoffUntil"]) == record.backoffUntil && string(object["event"]) == record.event?.rawValue
+        && string(object["eventOrigin"]) == record.eventOrigin && integer(object["eventSerial"]) == Int64(record.eventSerial)
+        && integer(refreshing?["generation"]) == record.refreshing.map { Int64($0.generation) }
+        && integer(refreshing?["pid"]) == record.refreshing.map { Int64($0.pid) }
+        && string(refreshing?["origin"]) == record.refreshing?.origin
+        && integer(refreshing?["startedAt"]) == record.refreshing?.startedAt
+    if !agrees { fatalError("decodeChecked and JSONSerialization read different records from: \(text)") }
 }
 
 /// The arithmetic that AuthSession does on a trusted record (`deadline(of:)`, `run()`'s
