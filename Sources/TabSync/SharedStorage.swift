@@ -247,7 +247,9 @@ public final class SharedStorage: Sendable {
     }
 
     /// Runs `body` on the latest state under the commit lock and commits what it changed.
-    /// For layers built on top (the auth session stores its record this way).
+    /// For layers built on top (the auth session stores its record this way). On a backend that
+    /// commits optimistically (PostgreSQL) `body` may run twice, so it must have no effect but
+    /// on the transaction (see `StorageBackend.commit(as:_:)`).
     public func transaction<Result>(_ body: (inout Transaction) throws(TabSyncError) -> Result) throws(TabSyncError) -> Result {
         try checkOpen()
         do {
@@ -629,7 +631,7 @@ public final class SharedStorage: Sendable {
     }
 }
 
-/// A handler registered with ``SharedStorage/onNotification(includingOwnChanges:_:)``. Cancelling
+/// A handler registered with ``SharedStorage/onNotification(includingOwnChanges:onClose:_:)``. Cancelling
 /// is idempotent; a handler that is being called when it is cancelled finishes that call.
 public final class NotificationSubscription: Sendable {
     private let onCancel: Mutex<(@Sendable () -> Void)?>
