@@ -38,6 +38,8 @@ public enum BackendConformance: String, CaseIterable, Sendable, CustomTestString
     case namedLocksExcludeTimeOutNamingTheHolderAndCancel
     case aHeldCommitLockBoundsAndCancelsOtherCommitsAndNothingIsLost
     case observationStartsWithTheValuesAndGoesOnWithoutAGap
+    case readModifyWriteTransactionsOfTwoInstancesLoseNoUpdate
+    case ownChangesReachTheirOwnSubscribersOnceInOrderWithTheirValues
 
     public var testDescription: String { rawValue }
 
@@ -55,7 +57,61 @@ public enum BackendConformance: String, CaseIterable, Sendable, CustomTestString
             try await aHeldCommitLockBoundsAndCancelsOtherCommitsAndNothingIsLost(backend)
         case .observationStartsWithTheValuesAndGoesOnWithoutAGap:
             try await observationStartsWithTheValuesAndGoesOnWithoutAGap(backend)
+        case .readModifyWriteTransactionsOfTwoInstancesLoseNoUpdate:
+            try await readModifyWriteTransactionsOfTwoInstancesLoseNoUpdate(backend)
+        case .ownChangesReachTheirOwnSubscribersOnceInOrderWithTheirValues:
+            try await ownChangesReachTheirOwnSubscribersOnceInOrderWithTheirValues(backend)
         }
+    }
+
+    /// A subscriber that includes its instance's own changes gets each of them once, in order,
+    /// with its values, mixed with another instance's in the store's order. (A backend may hand
+    /// an instance its own records without reading them back.)
+    private func ownChangesReachTheirOwnSubscribersOnceInOrderWithTheirValues(_ backend: some BackendUnderTest) async throws {
+        let store = try backend.makeStore(lockTimeout: .seconds(10), history: 512)
+        let a = try store.open("a"), b = try store.open("b")
+        var seen = a.events(includingOwnChanges: true).makeAsyncIterator()
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask { for index in 1...30 { try await a.set("a\(index % 3)", "a\(index)") } }
+            group.addTask { for index in 1...30 { try await b.set("b\(index % 3)", "b\(index)") } }
+            try await group.waitForAll()
+        }
+        var view: [String: String] = [:], next: [String: Int] = ["a": 1, "b": 1]
+        for expected in 1...UInt64(60) {
+            let event = try #require(await StreamWait.next(&seen))
+            #expect(event.sequence == expected, "a gap or a duplicate after \(expected - 1)")
+            #expect(event.isOwn == (event.origin == "a"))
+            // Each writer's values come in the order it wrote them: a1, a2, … and b1, b2, …
+            let index = next[event.origin, default: 1]
+            #expect(event.newValue == "\(event.origin)\(index)" && event.key == "\(event.origin)\(index % 3)", "\(event)")
+            next[event.origin] = index + 1
+            view[event.key!] = event.newValue
+        }
+        #expect(view == (try a.snapshot().values))
+        withExtendedLifetime((a, b)) {}
+    }
+
+    /// A transaction computes from the latest values, whichever instance committed last: two
+    /// instances that each add one to a counter 60 times at once end at 120. (A backend that
+    /// runs the body on values it cached must commit only if they are still the latest.)
+    private func readModifyWriteTransactionsOfTwoInstancesLoseNoUpdate(_ backend: some BackendUnderTest) async throws {
+        let store = try backend.makeStore(lockTimeout: .seconds(10), history: 512)
+        let a = try store.open("a"), b = try store.open("b")
+        try await a.set("n", "0")
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for storage in [a, b] {
+                group.addTask {
+                    for _ in 1...60 {
+                        try await storage.transaction { transaction throws(TabSyncError) in
+                            transaction.set("n", String((transaction.values["n"].flatMap { Int($0) } ?? 0) + 1))
+                        }
+                    }
+                }
+            }
+            try await group.waitForAll()
+        }
+        #expect(try a.get("n") == "120")
+        #expect(try b.get("n") == "120")
     }
 
     private func everyChangeReachesTheOthersOnceInOrderAndNeverItsAuthor(_ backend: some BackendUnderTest) async throws {

@@ -32,6 +32,12 @@ public protocol StorageBackend: Sendable {
     /// backend's exclusive commit lock; the records it adds are committed atomically, with the
     /// next sequence numbers, before the lock is released. Other processes see all of them or
     /// none. Blocks the calling thread, at most the backend's lock timeout.
+    ///
+    /// A backend may run `body` first on values it has cached and commit its records only if
+    /// they are still the latest, running it again on the latest values otherwise (the
+    /// PostgreSQL backend does, to commit in one round trip): `body` must compute from the
+    /// transaction alone, with no effect of its own; the run whose records are committed is the
+    /// one whose result is returned.
     func commit<Result>(
         as author: ChangeAuthor, _ body: (inout StoreTransaction) throws(TabSyncError) -> Result
     ) throws(TabSyncError) -> Result

@@ -54,12 +54,25 @@ final class Connector: Sendable {
         ]
         let id = nextID.add(1, ordering: .relaxed).oldValue
         let future = PostgresConnection.connect(on: group.next(), configuration: postgres, id: id, logger: logger)
+        let connection: PostgresConnection
         do {
-            return try future.wait()
+            connection = try future.wait()
         } catch {
             throw Self.failure(error, doing: "connecting", at: configuration.description)
         }
+        // One close callback per connection, not one per statement (each stays until the
+        // connection closes: a pooled connection would gather one per statement it ever ran).
+        let watch = CloseWatch(), key = ObjectIdentifier(connection)
+        closeWatches.withLock { $0[key] = watch }
+        connection.closeFuture.whenComplete { [weak self] _ in
+            watch.closed()
+            self?.closeWatches.withLock { _ = $0.removeValue(forKey: key) }
+        }
+        return connection
     }
+
+    /// The close watch of each open connection that ``connect()`` made.
+    private let closeWatches = Mutex<[ObjectIdentifier: CloseWatch]>([:])
 
     /// Runs `query` and returns its rows; waits at most `timeout` (default: the operation
     /// timeout), after which the connection is closed and the error names the server.
@@ -75,9 +88,13 @@ final class Connector: Sendable {
         connection.query(query, logger: logger).whenComplete { result in
             if !done.exchange(true, ordering: .acquiringAndReleasing) { outcome.completeWith(result.map(\.rows)) }
         }
-        connection.closeFuture.whenComplete { _ in
+        let closed: @Sendable () -> Void = {
             if !done.exchange(true, ordering: .acquiringAndReleasing) { outcome.fail(ConnectionClosed()) }
         }
+        // A connection that is closed already has no watch left: it fails at once.
+        let watch = closeWatches.withLock { $0[ObjectIdentifier(connection)] } ?? CloseWatch.closedAlready
+        watch.arm(closed)
+        defer { watch.disarm() }
         let timer = connection.eventLoop.scheduleTask(in: .nanoseconds(Int64(limit.nanoseconds))) {
             guard !done.exchange(true, ordering: .acquiringAndReleasing) else { return }
             timedOut.store(true, ordering: .relaxed)
@@ -126,6 +143,39 @@ final class Connector: Sendable {
 
 /// A wait ended because its connection closed.
 struct ConnectionClosed: Error {}
+
+/// Whom to tell when a connection closes: the statement waiting on it, if any.
+final class CloseWatch: Sendable {
+    private let state = Mutex<(closed: Bool, waiting: (@Sendable () -> Void)?)>((false, nil))
+
+    /// The watch of a connection that has closed.
+    static var closedAlready: CloseWatch {
+        let watch = CloseWatch()
+        watch.closed()
+        return watch
+    }
+
+    /// Calls `onClose` when the connection closes before ``disarm()`` (at once if it has).
+    func arm(_ onClose: @escaping @Sendable () -> Void) {
+        let closed = state.withLock { state -> Bool in
+            if !state.closed { state.waiting = onClose }
+            return state.closed
+        }
+        if closed { onClose() }
+    }
+
+    func disarm() {
+        state.withLock { $0.waiting = nil }
+    }
+
+    func closed() {
+        state.withLock { state -> (@Sendable () -> Void)? in
+            state.closed = true
+            defer { state.waiting = nil }
+            return state.waiting
+        }?()
+    }
+}
 
 /// A few idle connections for short statements; a connection that failed is dropped.
 final class ConnectionPool: Sendable {
@@ -177,15 +227,15 @@ final class ConnectionPool: Sendable {
 /// concurrency thread while it waits for the network. Cancelling the task interrupts the wait
 /// the work has armed (see ``Interruption``), which then ends with `CancellationError`.
 enum Blocking {
+    private static let threads = ThreadReuse()
+
     static func run<Result: Sendable>(_ work: @escaping @Sendable (Interruption) throws -> Result) async throws -> Result {
         try Task.checkCancellation()
         let interruption = Interruption()
         do {
             return try await withTaskCancellationHandler {
                 try await withCheckedThrowingContinuation { continuation in
-                    let thread = Thread { continuation.resume(with: Swift.Result { try work(interruption) }) }
-                    thread.name = "TabSyncPostgres.io"
-                    thread.start()
+                    threads.run { continuation.resume(with: Swift.Result { try work(interruption) }) }
                 }
             } onCancel: {
                 interruption.cancel()
@@ -193,6 +243,51 @@ enum Blocking {
         } catch {
             if interruption.isCancelled { throw CancellationError() }
             throw error
+        }
+    }
+}
+
+/// Threads for ``Blocking``: a job goes to an idle thread, or to a new one when none is idle, so
+/// that a job never waits behind another's network wait; up to ``keep`` threads stay for later
+/// jobs (a commit started a thread of its own each time before), asleep on a semaphore, which
+/// wakes nothing while idle.
+final class ThreadReuse: Sendable {
+    static let keep = 8
+
+    private let state = Mutex<(jobs: [@Sendable () -> Void], idle: Int)>(([], 0))
+    private let wake = DispatchSemaphore(value: 0)
+
+    func run(_ job: @escaping @Sendable () -> Void) {
+        let idle = state.withLock { state -> Bool in
+            state.jobs.append(job)
+            guard state.idle > 0 else { return false }
+            state.idle -= 1
+            return true
+        }
+        if idle {
+            wake.signal()
+        } else {
+            let thread = Thread { [self] in work() }
+            thread.name = "TabSyncPostgres.io"
+            thread.start()
+        }
+    }
+
+    /// Each idle count taken here is one `wait`, each given back in ``run(_:)`` one `signal`.
+    private func work() {
+        while true {
+            enum Next { case job(@Sendable () -> Void), sleep, exit }
+            let next = state.withLock { state -> Next in
+                if !state.jobs.isEmpty { return .job(state.jobs.removeFirst()) }
+                guard state.idle < Self.keep else { return .exit }
+                state.idle += 1
+                return .sleep
+            }
+            switch next {
+            case let .job(job): job()
+            case .sleep: wake.wait()
+            case .exit: return
+            }
         }
     }
 }

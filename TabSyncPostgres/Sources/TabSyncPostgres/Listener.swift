@@ -25,6 +25,9 @@ final class Listener: Sendable {
     private let connector: Connector
     private let store: String
     private let state = Mutex(State())
+    /// The notification being handled (its sequence number and writing instance), while the
+    /// handlers run for it; nil for a signal that no notification gave (a reconnection).
+    let current = Mutex<(sequence: Int64, instance: String)?>(nil)
     private let queue = DispatchQueue(label: "TabSyncPostgres.listener")
 
     init(connector: Connector, store: String) {
@@ -75,7 +78,9 @@ final class Listener: Sendable {
                 // "SEQUENCE INSTANCE STORE": the store is the rest of the payload.
                 let fields = notification.payload.split(separator: " ", maxSplits: 2, omittingEmptySubsequences: false)
                 guard fields.count == 3, fields[2] == store[...] else { return }
+                self?.current.withLock { $0 = Int64(fields[0]).map { ($0, String(fields[1])) } }
                 self?.signal(.mayHaveChanged)
+                self?.current.withLock { $0 = nil }
             }
             try connector.run("LISTEN \(unescaped: Schema.channel)", on: connection, doing: "listening for changes")
             let (current, wasDown) = state.withLock { state -> (Bool, Bool) in

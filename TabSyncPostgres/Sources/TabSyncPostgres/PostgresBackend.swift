@@ -114,11 +114,13 @@ public final class PostgresBackend: StorageBackend {
     // MARK: Schema
 
     private static func prepareSchema(on connection: PostgresConnection, _ connector: Connector) throws(TabSyncError) {
-        let exists = try connector.run("SELECT to_regclass('tabsync_schema')::text", on: connection, doing: "looking for the tables")
-        if (try? exists.first?.decode(String?.self)) ?? nil != nil, try version(on: connection, connector) == Schema.version { return }
+        let exists = try connector.run(
+            "SELECT to_regclass('tabsync_schema')::text, to_regproc(\(Schema.commitFunction))::text", on: connection, doing: "looking for the tables")
+        let found = (try? exists.first?.decode((String?, String?).self)) ?? nil
+        if found?.0 != nil, found?.1 != nil, try version(on: connection, connector) == Schema.version { return }
         try transaction(on: connection, connector) { () throws(TabSyncError) in
             try connector.run("SELECT pg_advisory_xact_lock(\(Schema.lockKey(store: "", name: "schema")))", on: connection, doing: "locking the tables' creation")
-            for statement in Schema.create + [Schema.createLocks] {
+            for statement in Schema.create + [Schema.createLocks, Schema.createCommitFunction] {
                 try connector.run(PostgresQuery(unsafeSQL: statement), on: connection, doing: "creating the tables")
             }
             if try version(on: connection, connector) == nil {
@@ -185,7 +187,14 @@ public final class PostgresBackend: StorageBackend {
     }
 
     public func changes(after position: StorePosition, waiting: Bool) throws(TabSyncError) -> StoreChanges? {
-        // Every answer needs the network: the watcher's quick look leaves it to the storage's queue.
+        // This instance's own commit, which woke its listener: its records are known, and follow
+        // the reader's position directly, so no query is needed to hand them over. Only in the
+        // listener's quick look, once per notification: a notification of another process's
+        // commit that came meanwhile gets a look of its own, which queries.
+        if !waiting, let own = ownRecords(after: position, notified: listener.current.withLock { $0 }) {
+            return .records(own, store: position.store)
+        }
+        // Every other answer needs the network: the quick look leaves it to the storage's queue.
         guard waiting else { return nil }
         return try pool.with { connection throws(TabSyncError) -> StoreChanges in
             // A reader that began before any store existed replays the first store's changes.
@@ -211,6 +220,7 @@ public final class PostgresBackend: StorageBackend {
                         sequence: UInt64(sequence), key: key, oldValue: old, newValue: new, origin: origin, instance: instance, time: time ?? 0))
                 }
                 if records.first?.sequence == UInt64(from + 1), records.count == Int(head - from) {
+                    advanceCache(storeID: storeID, from: from, by: records)
                     return .records(records, store: storeID)
                 }
             }
@@ -234,7 +244,10 @@ public final class PostgresBackend: StorageBackend {
     public func commit<Result>(
         as author: ChangeAuthor, _ body: (inout StoreTransaction) throws(TabSyncError) -> Result
     ) throws(TabSyncError) -> Result {
-        try pool.with { connection throws(TabSyncError) in try commit(on: connection, as: author, body) }
+        try pool.with { connection throws(TabSyncError) in
+            if let done = try commitInOneRoundTrip(on: connection, as: author, body) { return done.result }
+            return try commit(on: connection, as: author, body)
+        }
     }
 
     public func commit<Result: Sendable>(
@@ -244,9 +257,49 @@ public final class PostgresBackend: StorageBackend {
         // and nothing of it is committed. Once the lock is held the commit goes through.
         try await Blocking.run { interruption in
             try self.pool.with { connection throws(TabSyncError) in
-                try self.commit(on: connection, as: author, body, interruption: interruption)
+                // Not interruptible: it waits for the lock at most `quickLockWait`.
+                if let done = try self.commitInOneRoundTrip(on: connection, as: author, body) { return done.result }
+                return try self.commit(on: connection, as: author, body, interruption: interruption)
             }
         }
+    }
+
+    /// How long the one-round-trip commit waits for the store's commit lock before it leaves the
+    /// commit to the transaction that waits the whole ``lockTimeout`` (and that a cancellation
+    /// ends): a commit holds the lock for a fraction of a millisecond.
+    static let quickLockWait: Duration = .milliseconds(50)
+
+    /// The commit in one round trip (``Schema/commitFunction``), when this process knows the
+    /// store's head: `body` runs on the values it has cached, and the server applies the records
+    /// only if the store is still at that head. Nil when it cannot be done so (no cached head,
+    /// another process committed since, the lock busy beyond ``quickLockWait``, or `body`
+    /// threw): the caller then commits in a transaction that reads the latest values under the
+    /// lock, running `body` again.
+    private func commitInOneRoundTrip<Result>(
+        on connection: PostgresConnection, as author: ChangeAuthor, _ body: (inout StoreTransaction) throws(TabSyncError) -> Result
+    ) throws(TabSyncError) -> (result: Result, Void)? {
+        guard let cached = cache.withLock({ $0 }) else { return nil }
+        var transaction = StoreTransaction(values: cached.values, sequence: UInt64(cached.sequence), author: author)
+        let result: Result
+        do { result = try body(&transaction) } catch { return nil }
+        guard let written = try? Written(transaction, location: location) else { return nil }
+        let keys = JSONText.array(transaction.scrubbedKeys.sorted().map { JSONText.string($0) })
+        let head: Int64?
+        do {
+            let rows = try connector.run(
+                """
+                SELECT \(unescaped: Schema.commitFunction)(\(store), \(cached.storeID), \(cached.sequence), \(Schema.lockKey(store: store)),
+                    \("\(Self.quickLockWait.milliseconds)ms"), \(written.records)::json, \(written.upserts)::json, \(written.deletes)::json,
+                    \(written.cleared), \(keys)::json, \(author.origin), \(author.instance), \(Int64(historyLimit)))
+                """, on: connection, timeout: Self.quickLockWait + configuration.operationTimeout, doing: "committing")
+            head = try rows.first.flatMap { row throws(TabSyncError) in try decode(row, as: Int64?.self) }
+        } catch where error.code == .lockTimeout {
+            return nil
+        }
+        guard let head else { return nil }
+        remember(Cached(storeID: cached.storeID, sequence: head, values: transaction.values))
+        rememberOwn(transaction, storeID: cached.storeID, from: cached.sequence)
+        return (result, ())
     }
 
     /// The commit's transaction. With an `interruption`, a cancellation ends the wait for the lock.
@@ -254,7 +307,8 @@ public final class PostgresBackend: StorageBackend {
         on connection: PostgresConnection, as author: ChangeAuthor, _ body: (inout StoreTransaction) throws(TabSyncError) -> Result,
         interruption: Interruption? = nil
     ) throws(TabSyncError) -> Result {
-        try Self.transaction(on: connection, connector) { () throws(TabSyncError) -> Result in
+        var committed: (transaction: StoreTransaction, storeID: String, from: Int64)?
+        let result = try Self.transaction(on: connection, connector) { () throws(TabSyncError) -> Result in
             if let interruption, !interruption.arm(connection) {
                 throw TabSyncError(code: .closed, path: location, message: "The commit was cancelled")
             }
@@ -292,7 +346,52 @@ public final class PostgresBackend: StorageBackend {
                 try scrub(transaction.scrubbedKeys, on: connection)
             }
             remember(Cached(storeID: storeID, sequence: Int64(transaction.sequence), values: transaction.values))
+            committed = (transaction, storeID, sequence)
             return result
+        }
+        // Only once COMMIT has succeeded: a reader of this instance may be handed these records.
+        if let committed { rememberOwn(committed.transaction, storeID: committed.storeID, from: committed.from) }
+        return result
+    }
+
+    /// This instance's latest commits' records, consecutive, from the sequence number they
+    /// followed: its own readers are handed them without a query (``changes(after:waiting:)``).
+    private let ownTail = Mutex<(storeID: String, from: Int64, records: [ChangeRecord])?>(nil)
+
+    /// At most this many of its own records are kept for this instance's readers.
+    private static let ownTailLimit = 256
+
+    private func rememberOwn(_ transaction: StoreTransaction, storeID: String, from: Int64) {
+        ownTail.withLock { tail in
+            // A scrubbing commit's records hold values that must not outlive it: none are kept.
+            guard transaction.scrubbedKeys.isEmpty else { tail = nil; return }
+            guard !transaction.records.isEmpty else { return }
+            if var current = tail, current.storeID == storeID, current.from + Int64(current.records.count) == from {
+                current.records += transaction.records
+                if current.records.count > Self.ownTailLimit {
+                    let dropped = current.records.count - Self.ownTailLimit
+                    current.records.removeFirst(dropped)
+                    current.from += Int64(dropped)
+                }
+                tail = current
+            } else {
+                tail = (storeID, from, transaction.records)
+            }
+        }
+    }
+
+    /// This instance's own records after `position` up to the notification in hand, when that
+    /// notification is of one of them and they follow `position` directly. Any other (another
+    /// process's commit, a reconnection, after which anything may have been missed) is answered
+    /// by a query.
+    private func ownRecords(after position: StorePosition, notified: (sequence: Int64, instance: String)?) -> [ChangeRecord]? {
+        ownTail.withLock { tail -> [ChangeRecord]? in
+            guard let tail, tail.storeID == position.store, let notified, let last = tail.records.last,
+                  notified.instance == last.instance else { return nil }
+            let start = Int64(clamping: position.sequence) - tail.from
+            let end = notified.sequence - tail.from
+            guard start >= 0, start < end, end <= Int64(tail.records.count) else { return nil }
+            return Array(tail.records[Int(start)..<Int(end)])
         }
     }
 
@@ -318,21 +417,32 @@ public final class PostgresBackend: StorageBackend {
             holders: holders)
     }
 
+    /// A transaction's writes as the JSON parameters of the statements that apply them.
+    private struct Written {
+        var records: String, upserts: String, deletes: String, cleared: Bool
+
+        init(_ transaction: StoreTransaction, location: String) throws(TabSyncError) {
+            let records = transaction.records
+            for record in records where [record.key, record.newValue].contains(where: { $0?.contains("\0") == true }) {
+                throw TabSyncError(code: .invalidArgument, path: location, message: "PostgreSQL text cannot hold a NUL character (in key or value of change \(record.sequence))")
+            }
+            let touched = Set(records.compactMap(\.key))
+            cleared = records.contains { $0.key == nil }
+            var upserts: [String: String] = [:], deletes: [String] = []
+            for key in touched {
+                if let value = transaction.values[key] { upserts[key] = value } else { deletes.append(key) }
+            }
+            self.records = JSONText.array(records.map { record in
+                "{\"s\":\(record.sequence),\"k\":\(JSONText.string(record.key)),\"o\":\(JSONText.string(record.oldValue)),\"n\":\(JSONText.string(record.newValue))}"
+            })
+            self.upserts = JSONText.object(upserts.sorted { $0.key < $1.key }.map { ($0.key, $0.value) })
+            self.deletes = JSONText.array(deletes.sorted().map { JSONText.string($0) })
+        }
+    }
+
     private func write(_ transaction: StoreTransaction, on connection: PostgresConnection, author: ChangeAuthor) throws(TabSyncError) {
-        let records = transaction.records
-        for record in records where [record.key, record.newValue].contains(where: { $0?.contains("\0") == true }) {
-            throw TabSyncError(code: .invalidArgument, path: location, message: "PostgreSQL text cannot hold a NUL character (in key or value of change \(record.sequence))")
-        }
-        let touched = Set(records.compactMap(\.key))
-        let cleared = records.contains { $0.key == nil }
-        var upserts: [String: String] = [:], deletes: [String] = []
-        for key in touched {
-            if let value = transaction.values[key] { upserts[key] = value } else { deletes.append(key) }
-        }
-        let rows: [[String: Any]] = records.map { record in
-            ["s": record.sequence, "k": record.key ?? NSNull(), "o": record.oldValue ?? NSNull(), "n": record.newValue ?? NSNull()]
-        }
-        let recordsJSON = Self.json(rows), upsertsJSON = Self.json(upserts), deletesJSON = Self.json(deletes)
+        let written = try Written(transaction, location: location)
+        let (recordsJSON, upsertsJSON, deletesJSON, cleared) = (written.records, written.upserts, written.deletes, written.cleared)
         let head = Int64(transaction.sequence), keep = Int64(historyLimit)
         try connector.run(
             """
@@ -355,7 +465,7 @@ public final class PostgresBackend: StorageBackend {
 
     /// Forgets the past values of `keys` in the retained changes, as the file backend's scrub.
     private func scrub(_ keys: Set<String>, on connection: PostgresConnection) throws(TabSyncError) {
-        let keysJSON = Self.json(keys.sorted())
+        let keysJSON = JSONText.array(keys.sorted().map { JSONText.string($0) })
         try connector.run(
             """
             UPDATE tabsync_changes c SET old_value = NULL,
@@ -366,15 +476,24 @@ public final class PostgresBackend: StorageBackend {
             """, on: connection, doing: "scrubbing the history")
     }
 
+    /// The cached values moved on by `records` read from the store (other processes' commits),
+    /// when they continue from the cached head: this process's next commit can then be made in
+    /// one round trip (``commitInOneRoundTrip``) rather than after reading every value.
+    private func advanceCache(storeID: String, from: Int64, by records: [ChangeRecord]) {
+        cache.withLock { cached in
+            guard var current = cached, current.storeID == storeID, current.sequence == from else { return }
+            for record in records {
+                if let key = record.key { current.values[key] = record.newValue } else { current.values.removeAll() }
+            }
+            current.sequence = from + Int64(records.count)
+            cached = current
+        }
+    }
+
     private func remember(_ cached: Cached) {
         cache.withLock { current in
             if current == nil || current!.storeID != cached.storeID || current!.sequence <= cached.sequence { current = cached }
         }
-    }
-
-    private static func json(_ object: Any) -> String {
-        let data = (try? JSONSerialization.data(withJSONObject: object, options: [.fragmentsAllowed])) ?? Data("null".utf8)
-        return String(decoding: data, as: UTF8.self)
     }
 
     private func decode<each Column: PostgresDecodable>(

@@ -44,6 +44,56 @@ enum Schema {
         """,
     ]
 
+    /// The one-round-trip commit (docs/POSTGRES.md, "Commit"): under the store's commit lock,
+    /// waited for at most `p_lock_wait`, it applies a transaction's records only if the store is
+    /// still at `p_expected` of `p_store_id`, the head the client computed them from. Returns the
+    /// new sequence number, or NULL (nothing written) when the head moved or the store is gone.
+    /// Its name carries a version: a changed body gets a new name, and older clients keep theirs.
+    static let commitFunction = "tabsync_commit_v1"
+
+    static let createCommitFunction = """
+        CREATE OR REPLACE FUNCTION tabsync_commit_v1(
+            p_store text, p_store_id text, p_expected bigint, p_lock bigint, p_lock_wait text,
+            p_records json, p_upserts json, p_deletes json, p_cleared boolean, p_scrub json,
+            p_origin text, p_instance text, p_keep bigint)
+        RETURNS bigint LANGUAGE plpgsql AS $tabsync$
+        DECLARE
+            v_id text;
+            v_sequence bigint;
+            v_head bigint;
+        BEGIN
+            PERFORM set_config('lock_timeout', p_lock_wait, true);
+            PERFORM pg_advisory_xact_lock(p_lock);
+            SELECT s.store_id, s.sequence INTO v_id, v_sequence FROM tabsync_stores s WHERE s.name = p_store;
+            IF NOT FOUND OR v_id IS DISTINCT FROM p_store_id OR v_sequence <> p_expected THEN
+                RETURN NULL;
+            END IF;
+            v_head := p_expected + json_array_length(p_records);
+            IF v_head > p_expected THEN
+                INSERT INTO tabsync_changes (store, sequence, key, old_value, new_value, origin, instance, time_ms)
+                    SELECT p_store, r.s, r.k, r.o, r.n, p_origin, p_instance, (extract(epoch FROM clock_timestamp()) * 1000)::bigint
+                    FROM json_to_recordset(p_records) AS r(s bigint, k text, o text, n text);
+                DELETE FROM tabsync_values v WHERE v.store = p_store
+                    AND ((p_cleared AND v.key NOT IN (SELECT u.key FROM json_each_text(p_upserts) u))
+                         OR v.key IN (SELECT d.value FROM json_array_elements_text(p_deletes) d));
+                INSERT INTO tabsync_values (store, key, value) SELECT p_store, u.key, u.value FROM json_each_text(p_upserts) u
+                    ON CONFLICT (store, key) DO UPDATE SET value = EXCLUDED.value;
+                DELETE FROM tabsync_changes c WHERE c.store = p_store AND c.sequence <= v_head - p_keep;
+                UPDATE tabsync_stores s SET sequence = v_head WHERE s.name = p_store;
+                PERFORM pg_notify('tabsync', v_head || ' ' || p_instance || ' ' || p_store);
+            END IF;
+            IF json_array_length(p_scrub) > 0 THEN
+                UPDATE tabsync_changes c SET old_value = NULL,
+                    new_value = CASE WHEN c.key IS NOT NULL AND c.sequence =
+                        (SELECT max(m.sequence) FROM tabsync_changes m WHERE m.store = c.store AND m.key = c.key)
+                    THEN c.new_value ELSE NULL END
+                WHERE c.store = p_store AND (c.key IS NULL OR c.key IN (SELECT d.value FROM json_array_elements_text(p_scrub) d));
+            END IF;
+            RETURN v_head;
+        END
+        $tabsync$
+        """
+
     /// The names of each store's named locks, so that a holder query can list them.
     static let createLocks = """
         CREATE TABLE IF NOT EXISTS tabsync_locks (
