@@ -143,6 +143,34 @@ struct PostgresSessionTests {
         }
     }
 
+    /// Point 3: hosts' clocks differ, and the session's times come from the database server's.
+    /// A tab whose wall clock is a day ahead (libfaketime: what its `Date()` and libc read) sees
+    /// the session the others share as they do: not past its idle limit, which by its own clock
+    /// it would be.
+    @Test func aTabWhoseClockIsADayAheadSeesTheSessionAsTheOthersDo() async throws {
+        let library = try #require(RefreshOnceTests.libfaketime, "libfaketime is not installed (scripts/test installs it)")
+        let server = try await AuthorizationServer()
+        let store = store("skew")
+        let arguments = server.tabArguments + ["--idle-timeout", "600"]
+        var normal: [ChildProcess] = []
+        for index in 0..<2 { normal.append(try await launchPostgresTab(name: "normal-\(index)", store: store, extra: arguments)) }
+        defer { normal.forEach { $0.stop() } }
+        normal[0].send("login alice wonderland")
+        try await normal[0].waitFor("login ok") { $0["type"] as? String == "ok" && $0["cmd"] as? String == "login" }
+        let ahead = try ChildProcess(
+            "\(productsDirectory)/tab", PostgresServer.tabArguments(store: store) + ["--name", "ahead", "--json"] + arguments, name: "ahead",
+            environment: PostgresServer.tabEnvironment.merging(["LD_PRELOAD": library, "FAKETIME": "+1d", "FAKETIME_DONT_RESET": "1"]) { $1 })
+        defer { ahead.stop() }
+        try await ahead.waitFor("ready") { $0["type"] as? String == "ready" }
+        // By its own clock the last activity lies a day back, far past the 600 s idle limit.
+        #expect(try await ahead.ask("status", expecting: ["status"])["state"] as? String == "signedIn")
+        #expect(try await ahead.ask("activity", expecting: ["ok", "error"])["type"] as? String == "ok")
+        #expect(try await normal[1].ask("status", expecting: ["status"])["state"] as? String == "signedIn")
+        for tab in normal + [ahead] {
+            #expect(!tab.objects.contains(where: RefreshOnceTests.isSignedOut("idleTimeout")), "\(tab.name) was signed out")
+        }
+    }
+
     @Test func aRefresherWhoseConnectionIsCutMidRefreshPresentsNoTokenTwice() async throws {
         let server = try await AuthorizationServer()
         let store = store("cut")

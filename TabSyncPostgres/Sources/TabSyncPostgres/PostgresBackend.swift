@@ -245,7 +245,7 @@ public final class PostgresBackend: StorageBackend {
         as author: ChangeAuthor, _ body: (inout StoreTransaction) throws(TabSyncError) -> Result
     ) throws(TabSyncError) -> Result {
         try pool.with { connection throws(TabSyncError) in
-            if let done = try commitInOneRoundTrip(on: connection, as: author, body) { return done.result }
+            if let done = try commitQuickly(on: connection, as: author, body) { return done.result }
             return try commit(on: connection, as: author, body)
         }
     }
@@ -258,11 +258,40 @@ public final class PostgresBackend: StorageBackend {
         try await Blocking.run { interruption in
             try self.pool.with { connection throws(TabSyncError) in
                 // Not interruptible: it waits for the lock at most `quickLockWait`.
-                if let done = try self.commitInOneRoundTrip(on: connection, as: author, body) { return done.result }
+                if let done = try self.commitQuickly(on: connection, as: author, body) { return done.result }
                 return try self.commit(on: connection, as: author, body, interruption: interruption)
             }
         }
     }
+
+    /// How ``commitInOneRoundTrip(on:as:_:)`` ended.
+    private enum Quick<Result> {
+        case done(Result)
+        /// Another process committed since the cached head.
+        case stale
+        /// No cached head, the lock busy, or the body threw.
+        case notDone
+    }
+
+    /// The one-round-trip commit, again after reading the latest head and values when another
+    /// process committed in between (writers of one store take turns in the server, not across
+    /// round trips); nil when it cannot be done so: the caller then commits the long way.
+    private func commitQuickly<Result>(
+        on connection: PostgresConnection, as author: ChangeAuthor, _ body: (inout StoreTransaction) throws(TabSyncError) -> Result
+    ) throws(TabSyncError) -> (result: Result, Void)? {
+        for attempt in 0..<Self.quickAttempts {
+            switch try commitInOneRoundTrip(on: connection, as: author, body) {
+            case let .done(result): return (result, ())
+            case .notDone: return nil
+            case .stale:
+                if attempt + 1 < Self.quickAttempts { _ = try snapshot(on: connection) }
+            }
+        }
+        return nil
+    }
+
+    /// One-round-trip attempts before the commit waits for the lock and reads under it.
+    static let quickAttempts = 3
 
     /// How long the one-round-trip commit waits for the store's commit lock before it leaves the
     /// commit to the transaction that waits the whole ``lockTimeout`` (and that a cancellation
@@ -271,18 +300,17 @@ public final class PostgresBackend: StorageBackend {
 
     /// The commit in one round trip (``Schema/commitFunction``), when this process knows the
     /// store's head: `body` runs on the values it has cached, and the server applies the records
-    /// only if the store is still at that head. Nil when it cannot be done so (no cached head,
-    /// another process committed since, the lock busy beyond ``quickLockWait``, or `body`
-    /// threw): the caller then commits in a transaction that reads the latest values under the
-    /// lock, running `body` again.
+    /// only if the store is still at that head: ``Quick/stale`` when another process committed
+    /// since, ``Quick/notDone`` when there is no cached head, the lock is busy beyond
+    /// ``quickLockWait`` or `body` threw. Either way nothing was written, and `body` runs again.
     private func commitInOneRoundTrip<Result>(
         on connection: PostgresConnection, as author: ChangeAuthor, _ body: (inout StoreTransaction) throws(TabSyncError) -> Result
-    ) throws(TabSyncError) -> (result: Result, Void)? {
-        guard let cached = cache.withLock({ $0 }) else { return nil }
+    ) throws(TabSyncError) -> Quick<Result> {
+        guard let cached = cache.withLock({ $0 }) else { return .notDone }
         var transaction = StoreTransaction(values: cached.values, sequence: UInt64(cached.sequence), author: author)
         let result: Result
-        do { result = try body(&transaction) } catch { return nil }
-        guard let written = try? Written(transaction, location: location) else { return nil }
+        do { result = try body(&transaction) } catch { return .notDone }
+        guard let written = try? Written(transaction, location: location) else { return .notDone }
         let keys = JSONText.array(transaction.scrubbedKeys.sorted().map { JSONText.string($0) })
         let head: Int64?
         do {
@@ -294,12 +322,12 @@ public final class PostgresBackend: StorageBackend {
                 """, on: connection, timeout: Self.quickLockWait + configuration.operationTimeout, doing: "committing")
             head = try rows.first.flatMap { row throws(TabSyncError) in try decode(row, as: Int64?.self) }
         } catch where error.code == .lockTimeout {
-            return nil
+            return .notDone
         }
-        guard let head else { return nil }
+        guard let head else { return .stale }
         remember(Cached(storeID: cached.storeID, sequence: head, values: transaction.values))
         rememberOwn(transaction, storeID: cached.storeID, from: cached.sequence)
-        return (result, ())
+        return .done(result)
     }
 
     /// The commit's transaction. With an `interruption`, a cancellation ends the wait for the lock.
