@@ -836,7 +836,7 @@ public final class FileBackend: StorageBackend {
 
     public func watch(_ handler: @escaping @Sendable (BackendSignal) -> Void) -> any WatchRegistration {
         let (id, detection) = ChangeWatcher.shared.register(
-            directory: directory, names: [logName], events: ChangeWatcher.logEvents, pollInterval: pollInterval
+            directory: directory, names: [logName], pollInterval: pollInterval
         ) { [weak self] signal in
             switch signal {
             case let .changed(name):

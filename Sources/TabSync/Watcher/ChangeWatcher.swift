@@ -111,23 +111,23 @@ final class ChangeWatcher: Sendable {
     /// Overflows seen (IN_Q_OVERFLOW), for tests and diagnostics.
     let overflowCount = Atomic<Int>(0)
 
-    /// Everything the directory's watch reports about its files. Not `IN_CLOSE_WRITE`: every
-    /// process opens its lock files read-write, and the kernel raises that event for each close
-    /// of such a descriptor, written or not, to every process watching the directory. A storm of
-    /// N processes, each taking and releasing the refresh lock, then woke each of the N watcher
-    /// threads N times (a tenth of a waiting tab's CPU at N = 64).
-    static let allFileEvents = UInt32(IN_MOVED_TO | IN_DELETE | IN_MOVED_FROM | IN_MODIFY)
-
-    /// A log appended to in place, replaced by rename, moved away or deleted: each append is one
-    /// write, so one `IN_MODIFY`. Not a close after writing: a child process forked while the
-    /// log is open (any `posix_spawn` or `Process` of the app) closes it at its `exec`.
-    static let logEvents = UInt32(IN_MODIFY | IN_MOVED_TO | IN_DELETE | IN_MOVED_FROM)
+    /// What the directory's watch reports about its files, and what a log needs: a log appended
+    /// to in place, replaced by rename, moved away or deleted (each append is one write, so one
+    /// `IN_MODIFY`).
+    ///
+    /// Not `IN_CLOSE_WRITE`: every process opens its lock files read-write, and the kernel raises
+    /// that event for each close of such a descriptor, written or not, to every process watching
+    /// the directory. A storm of N processes, each taking and releasing the refresh lock, then
+    /// woke each of the N watcher threads N times (a tenth of a waiting tab's CPU at N = 64). A
+    /// child process forked while the log is open (any `posix_spawn` or `Process` of the app)
+    /// would raise it too, when it closes its copy at its `exec`.
+    static let fileEvents = UInt32(IN_MODIFY | IN_MOVED_TO | IN_DELETE | IN_MOVED_FROM)
 
     /// Watches `directory` for `events` on the files called `names`; whatever the events, the
     /// directory's own deletion or move and a queue overflow signal every registration.
     /// Returns the registration's id and how it is being watched.
     func register(
-        directory: SessionDirectory, names: Set<String>, events: UInt32 = allFileEvents, pollInterval: Duration,
+        directory: SessionDirectory, names: Set<String>, events: UInt32 = fileEvents, pollInterval: Duration,
         handler: @escaping Handler
     ) -> (UInt64, ChangeDetection) {
         if directory.isRemoteFileSystem {
@@ -314,7 +314,7 @@ final class ChangeWatcher: Sendable {
         // No IN_ATTRIB: a chmod of the directory is seen at the next commit or signal, and on the
         // files it would wake every reader once more per commit (the link kept for recovery
         // changes the state file's link count), which storms of 64 processes measurably pay.
-        let mask = Self.allFileEvents | UInt32(IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR)
+        let mask = Self.fileEvents | UInt32(IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR)
         guard inotifytools_watch_file(path, Int32(bitPattern: mask)) != 0 else {
             let errno = Errno(rawValue: inotifytools_error())
             let hint = errno == .noSpace ? "; the inotify watch limit is exhausted, see /proc/sys/fs/inotify/max_user_watches" : ""
