@@ -245,7 +245,7 @@ public final class PostgresBackend: StorageBackend {
         as author: ChangeAuthor, _ body: (inout StoreTransaction) throws(TabSyncError) -> Result
     ) throws(TabSyncError) -> Result {
         try pool.with { connection throws(TabSyncError) in
-            if let done = try commitQuickly(on: connection, as: author, body) { return done.result }
+            if let result = try commitQuickly(on: connection, as: author, body) { return result }
             return try commit(on: connection, as: author, body)
         }
     }
@@ -258,7 +258,7 @@ public final class PostgresBackend: StorageBackend {
         try await Blocking.run { interruption in
             try self.pool.with { connection throws(TabSyncError) in
                 // Not interruptible: it waits for the lock at most `quickLockWait`.
-                if let done = try self.commitQuickly(on: connection, as: author, body) { return done.result }
+                if let result = try self.commitQuickly(on: connection, as: author, body) { return result }
                 return try self.commit(on: connection, as: author, body, interruption: interruption)
             }
         }
@@ -278,10 +278,10 @@ public final class PostgresBackend: StorageBackend {
     /// round trips); nil when it cannot be done so: the caller then commits the long way.
     private func commitQuickly<Result>(
         on connection: PostgresConnection, as author: ChangeAuthor, _ body: (inout StoreTransaction) throws(TabSyncError) -> Result
-    ) throws(TabSyncError) -> (result: Result, Void)? {
+    ) throws(TabSyncError) -> Result? {
         for attempt in 0..<Self.quickAttempts {
             switch try commitInOneRoundTrip(on: connection, as: author, body) {
-            case let .done(result): return (result, ())
+            case let .done(result): return result
             case .notDone: return nil
             case .stale:
                 if attempt + 1 < Self.quickAttempts { _ = try snapshot(on: connection) }
@@ -311,16 +311,9 @@ public final class PostgresBackend: StorageBackend {
         let result: Result
         do { result = try body(&transaction) } catch { return .notDone }
         guard let written = try? Written(transaction, location: location) else { return .notDone }
-        let keys = JSONText.array(transaction.scrubbedKeys.sorted().map { JSONText.string($0) })
         let head: Int64?
         do {
-            let rows = try connector.run(
-                """
-                SELECT \(unescaped: Schema.commitFunction)(\(store), \(cached.storeID), \(cached.sequence), \(Schema.lockKey(store: store)),
-                    \("\(Self.quickLockWait.milliseconds)ms"), \(written.records)::json, \(written.upserts)::json, \(written.deletes)::json,
-                    \(written.cleared), \(keys)::json, \(author.origin), \(author.instance), \(Int64(historyLimit)))
-                """, on: connection, timeout: Self.quickLockWait + configuration.operationTimeout, doing: "committing")
-            head = try rows.first.flatMap { row throws(TabSyncError) in try decode(row, as: Int64?.self) }
+            head = try apply(written, of: transaction, by: author, at: (cached.storeID, cached.sequence), waitingAtMost: Self.quickLockWait, on: connection)
         } catch where error.code == .lockTimeout {
             return .notDone
         }
@@ -367,11 +360,13 @@ public final class PostgresBackend: StorageBackend {
             }
             var transaction = StoreTransaction(values: values, sequence: UInt64(sequence), author: author)
             let result = try body(&transaction)
-            if !transaction.records.isEmpty {
-                try write(transaction, on: connection, author: author)
-            }
-            if !transaction.scrubbedKeys.isEmpty {
-                try scrub(transaction.scrubbedKeys, on: connection)
+            if !transaction.records.isEmpty || !transaction.scrubbedKeys.isEmpty {
+                // The same function as the one-round-trip commit; the lock it takes is held already,
+                // so it waits for nothing, and the statement's bound is the operation timeout's.
+                let written = try Written(transaction, location: location)
+                guard try apply(written, of: transaction, by: author, at: (storeID, sequence), waitingAtMost: .milliseconds(1), on: connection) != nil else {
+                    throw TabSyncError(code: .corruptState, path: location, message: "The store moved on under its commit lock")
+                }
             }
             remember(Cached(storeID: storeID, sequence: Int64(transaction.sequence), values: transaction.values))
             committed = (transaction, storeID, sequence)
@@ -468,40 +463,21 @@ public final class PostgresBackend: StorageBackend {
         }
     }
 
-    private func write(_ transaction: StoreTransaction, on connection: PostgresConnection, author: ChangeAuthor) throws(TabSyncError) {
-        let written = try Written(transaction, location: location)
-        let (recordsJSON, upsertsJSON, deletesJSON, cleared) = (written.records, written.upserts, written.deletes, written.cleared)
-        let head = Int64(transaction.sequence), keep = Int64(historyLimit)
-        try connector.run(
+    /// Applies `transaction`'s records and scrub with ``Schema/commitFunction``, under the store's
+    /// commit lock (waited for at most `wait`), if the store is still at `head`: the new sequence
+    /// number, or nil (nothing written) when the store moved on.
+    private func apply(
+        _ written: Written, of transaction: StoreTransaction, by author: ChangeAuthor, at head: (storeID: String, sequence: Int64),
+        waitingAtMost wait: Duration, on connection: PostgresConnection
+    ) throws(TabSyncError) -> Int64? {
+        let keys = JSONText.array(transaction.scrubbedKeys.sorted().map { JSONText.string($0) })
+        let rows = try connector.run(
             """
-            WITH r AS (SELECT * FROM json_to_recordset(\(recordsJSON)::json) AS r(s bigint, k text, o text, n text)),
-            changes AS (
-                INSERT INTO tabsync_changes (store, sequence, key, old_value, new_value, origin, instance, time_ms)
-                SELECT \(store), s, k, o, n, \(author.origin), \(author.instance), (extract(epoch FROM clock_timestamp()) * 1000)::bigint FROM r),
-            removed AS (
-                DELETE FROM tabsync_values WHERE store = \(store)
-                AND ((\(cleared) AND key NOT IN (SELECT key FROM json_each_text(\(upsertsJSON)::json)))
-                     OR key IN (SELECT value FROM json_array_elements_text(\(deletesJSON)::json)))),
-            upserted AS (
-                INSERT INTO tabsync_values (store, key, value) SELECT \(store), key, value FROM json_each_text(\(upsertsJSON)::json)
-                ON CONFLICT (store, key) DO UPDATE SET value = EXCLUDED.value),
-            trimmed AS (DELETE FROM tabsync_changes WHERE store = \(store) AND sequence <= \(head - keep)),
-            moved AS (UPDATE tabsync_stores SET sequence = \(head) WHERE name = \(store))
-            SELECT pg_notify(\(Schema.channel), \("\(head) \(author.instance) \(store)"))
-            """, on: connection, doing: "writing the changes")
-    }
-
-    /// Forgets the past values of `keys` in the retained changes, as the file backend's scrub.
-    private func scrub(_ keys: Set<String>, on connection: PostgresConnection) throws(TabSyncError) {
-        let keysJSON = JSONText.array(keys.sorted().map { JSONText.string($0) })
-        try connector.run(
-            """
-            UPDATE tabsync_changes c SET old_value = NULL,
-                new_value = CASE WHEN c.key IS NOT NULL AND c.sequence =
-                    (SELECT max(m.sequence) FROM tabsync_changes m WHERE m.store = c.store AND m.key = c.key)
-                THEN c.new_value ELSE NULL END
-            WHERE c.store = \(store) AND (c.key IS NULL OR c.key IN (SELECT value FROM json_array_elements_text(\(keysJSON)::json)))
-            """, on: connection, doing: "scrubbing the history")
+            SELECT \(unescaped: Schema.commitFunction)(\(store), \(head.storeID), \(head.sequence), \(Schema.lockKey(store: store)),
+                \("\(max(1, wait.milliseconds))ms"), \(written.records)::json, \(written.upserts)::json, \(written.deletes)::json,
+                \(written.cleared), \(keys)::json, \(author.origin), \(author.instance), \(Int64(historyLimit)))
+            """, on: connection, timeout: wait + configuration.operationTimeout, doing: "committing")
+        return try rows.first.flatMap { row throws(TabSyncError) in try decode(row, as: Int64?.self) }
     }
 
     /// The cached values moved on by `records` read from the store (other processes' commits),
