@@ -313,7 +313,9 @@ public final class PostgresBackend: StorageBackend {
         guard let written = try? Written(transaction, location: location) else { return .notDone }
         let head: Int64?
         do {
-            head = try apply(written, of: transaction, by: author, at: (cached.storeID, cached.sequence), waitingAtMost: Self.quickLockWait, on: connection)
+            head = try apply(
+                written, of: transaction, by: author, at: (cached.storeID, cached.sequence), waitingAtMost: Self.quickLockWait,
+                timeout: Self.quickLockWait + configuration.operationTimeout, on: connection)
         } catch where error.code == .lockTimeout {
             return .notDone
         }
@@ -361,10 +363,13 @@ public final class PostgresBackend: StorageBackend {
             var transaction = StoreTransaction(values: values, sequence: UInt64(sequence), author: author)
             let result = try body(&transaction)
             if !transaction.records.isEmpty || !transaction.scrubbedKeys.isEmpty {
-                // The same function as the one-round-trip commit; the lock it takes is held already,
-                // so it waits for nothing, and the statement's bound is the operation timeout's.
+                // The same function as the one-round-trip commit; the commit lock it takes is held
+                // already. Its statements' own lock waits keep the lock timeout, as the
+                // transaction's, and the statement the operation timeout.
                 let written = try Written(transaction, location: location)
-                guard try apply(written, of: transaction, by: author, at: (storeID, sequence), waitingAtMost: .milliseconds(1), on: connection) != nil else {
+                guard try apply(
+                    written, of: transaction, by: author, at: (storeID, sequence), waitingAtMost: lockTimeout,
+                    timeout: configuration.operationTimeout, on: connection) != nil else {
                     throw TabSyncError(code: .corruptState, path: location, message: "The store moved on under its commit lock")
                 }
             }
@@ -464,11 +469,12 @@ public final class PostgresBackend: StorageBackend {
     }
 
     /// Applies `transaction`'s records and scrub with ``Schema/commitFunction``, under the store's
-    /// commit lock (waited for at most `wait`), if the store is still at `head`: the new sequence
-    /// number, or nil (nothing written) when the store moved on.
+    /// commit lock (its lock waits at most `wait` each, the statement at most `timeout`), if the
+    /// store is still at `head`: the new sequence number, or nil (nothing written) when the store
+    /// moved on.
     private func apply(
         _ written: Written, of transaction: StoreTransaction, by author: ChangeAuthor, at head: (storeID: String, sequence: Int64),
-        waitingAtMost wait: Duration, on connection: PostgresConnection
+        waitingAtMost wait: Duration, timeout: Duration, on connection: PostgresConnection
     ) throws(TabSyncError) -> Int64? {
         let keys = JSONText.array(transaction.scrubbedKeys.sorted().map { JSONText.string($0) })
         let rows = try connector.run(
@@ -476,7 +482,7 @@ public final class PostgresBackend: StorageBackend {
             SELECT \(unescaped: Schema.commitFunction)(\(store), \(head.storeID), \(head.sequence), \(Schema.lockKey(store: store)),
                 \("\(max(1, wait.milliseconds))ms"), \(written.records)::json, \(written.upserts)::json, \(written.deletes)::json,
                 \(written.cleared), \(keys)::json, \(author.origin), \(author.instance), \(Int64(historyLimit)))
-            """, on: connection, timeout: wait + configuration.operationTimeout, doing: "committing")
+            """, on: connection, timeout: timeout, doing: "committing")
         return try rows.first.flatMap { row throws(TabSyncError) in try decode(row, as: Int64?.self) }
     }
 
