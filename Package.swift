@@ -28,6 +28,12 @@ let package = Package(
             name: "CInotifyTools",
             providers: [.apt(["libinotifytools0-dev"])]
         ),
+        // libcurl, for TabSyncAuth's HTTP (CurlTransport). Its header is on the compiler's default
+        // path (Debian: /usr/include/<arch>/curl), so no pkg-config is needed.
+        .systemLibrary(
+            name: "CCurl",
+            providers: [.apt(["libcurl4-openssl-dev"])]
+        ),
         // The broker: on-disk state, change watcher, file locks, SharedStorage. No auth.
         .target(
             name: "TabSync",
@@ -45,6 +51,7 @@ let package = Package(
             dependencies: [
                 "TabSync",
                 "CKernelClock",
+                "CCurl",
                 .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: strictSettings

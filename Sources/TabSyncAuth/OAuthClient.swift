@@ -65,7 +65,8 @@ public struct HTTPExchange: Sendable {
     public var timeout: Duration
 }
 
-/// Sends HTTP requests. ``URLSessionTransport`` is the real one; tests may inject another.
+/// Sends HTTP requests. ``CurlTransport`` is the default, ``URLSessionTransport`` the
+/// alternative; tests may inject another.
 public protocol HTTPTransport: Sendable {
     /// Returns the status code and body, or throws for a transport failure (no connection, timeout).
     /// Throw ``HTTPRequestNotSent`` (or a `URLError` that says so, such as `cannotConnectToHost`)
@@ -82,7 +83,9 @@ public struct HTTPRequestNotSent: Error, Sendable {
 
 /// HTTP through URLSession (FoundationNetworking, libcurl underneath). One URLSession per
 /// transport, reused for every request: setting one up costs milliseconds, which a refresh storm
-/// would otherwise pay on its critical path.
+/// would otherwise pay on its critical path. Slower than ``CurlTransport``, and it reuses
+/// connections: libcurl under it may send a request again on a fresh connection when a reused
+/// one turns out to be closed.
 public struct URLSessionTransport: HTTPTransport {
     private let session: URLSession
 
@@ -112,7 +115,7 @@ public struct OAuthClient: Sendable {
     public let configuration: OAuthConfiguration
     let transport: any HTTPTransport
 
-    public init(configuration: OAuthConfiguration, transport: any HTTPTransport = URLSessionTransport()) throws(AuthError) {
+    public init(configuration: OAuthConfiguration, transport: any HTTPTransport = CurlTransport()) throws(AuthError) {
         try configuration.validate()
         self.configuration = configuration
         self.transport = transport
