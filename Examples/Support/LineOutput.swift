@@ -38,6 +38,11 @@ public enum JSON: Sendable {
     /// reorder or break lines (U+2028, U+2029, bidirectional controls) are written as `\u` escapes,
     /// so that JSON output read on a terminal cannot drive it either.
     public static func quote(_ text: String) -> String {
+        // Most strings (tokens, names, keys) are printable ASCII without a quote or backslash:
+        // they are written as they are, without a look at each scalar.
+        if text.utf8.allSatisfy({ $0 >= 0x20 && $0 < 0x7F && $0 != UInt8(ascii: "\"") && $0 != UInt8(ascii: "\\") }) {
+            return "\"" + text + "\""
+        }
         var out = "\""
         for scalar in text.unicodeScalars {
             switch scalar {

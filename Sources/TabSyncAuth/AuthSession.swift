@@ -104,7 +104,7 @@ public final class AuthSession: Sendable {
     public let storage: SharedStorage
     public let client: OAuthClient?
     let options: Options
-    private let inFlight = Mutex<(generation: Int, task: Task<Result<Attempt, AuthError>, Never>)?>(nil)
+    private let inFlight = Mutex<(generation: Int, task: Task<Attempt, Never>)?>(nil)
     private let refreshLockCache = Mutex<(any SessionLock)?>(nil)
     private let notices = Mutex<[UInt64: AsyncStream<SessionEvent>.Continuation]>([:])
     private let noticeIDs = Atomic<UInt64>(0)
@@ -362,6 +362,7 @@ public final class AuthSession: Sendable {
                 switch try await refresh(generation: generation, margin: margin) {
                 case let .refreshedHere(token): return token
                 case let .movedOn(record): handed = record
+                case let .failed(error): throw error
                 }
             }
         }
@@ -374,11 +375,13 @@ public final class AuthSession: Sendable {
         /// Someone else refreshed, or the session moved on: look again (at this record, when the
         /// outcome came with one).
         case movedOn(SessionRecord?)
+        /// The refresh failed, or the wait for another process's hit its bound.
+        case failed(AuthError)
     }
 
     /// One refresh attempt for `generation`, shared by every caller in this process. A cancelled
     /// caller stops waiting at once; the attempt goes on for the others.
-    private func refresh(generation: Int, margin: Int64) async throws -> Attempt {
+    func refresh(generation: Int, margin: Int64) async throws -> Attempt {
         let task = inFlight.withLock { current in
             if let current, current.generation == generation { return current.task }
             let task = Task {
@@ -392,7 +395,7 @@ public final class AuthSession: Sendable {
             current = (generation, task)
             return task
         }
-        return try await CancellableWait.value(of: task).get()
+        return try await CancellableWait.value(of: task)
     }
 
     /// The longest a process waits for another's refresh before ``AuthError/Code/refreshTimeout``.
@@ -403,9 +406,9 @@ public final class AuthSession: Sendable {
     }
 
     /// Takes the refresh lock, or waits (bounded) for whoever has it to publish an outcome.
-    private func electAndRefresh(generation: Int, margin: Int64) async -> Result<Attempt, AuthError> {
+    private func electAndRefresh(generation: Int, margin: Int64) async -> Attempt {
         let lock: any SessionLock
-        do { lock = try refreshLock() } catch { return .failure(.storage(error)) }
+        do { lock = try refreshLock() } catch { return .failed(.storage(error)) }
         // Subscribe before looking, so that an outcome published meanwhile is not missed. The
         // watcher thread looks at each change of the record and wakes this task only for one
         // that moved the session on: the refresher's own marker does not wake the waiters.
@@ -420,22 +423,22 @@ public final class AuthSession: Sendable {
         do {
             hold = try lock.tryAcquire()
         } catch {
-            return .failure(.storage(error))
+            return .failed(.storage(error))
         }
         if hold == nil {
             switch await waitForOutcomeOrLock(lock, generation: generation, outcome: outcome) {
             case let .locked(taken): hold = taken
-            case let .movedOn(record): return .success(.movedOn(record))
-            case .timedOut: return .failure(refreshTimeout())
+            case let .movedOn(record): return .movedOn(record)
+            case .timedOut: return .failed(refreshTimeout())
             }
         }
         defer { hold?.release() }
         // The outcome may have been published just before the lock came free.
-        if let (record, _) = try? record(), record.generation != generation || record.state != .signedIn { return .success(.movedOn(record)) }
+        if let (record, _) = try? record(), record.generation != generation || record.state != .signedIn { return .movedOn(record) }
         do {
-            return .success(try await refreshHoldingLock(generation: generation, margin: margin))
+            return try await refreshHoldingLock(generation: generation, margin: margin)
         } catch {
-            return .failure(error)
+            return .failed(error)
         }
     }
 
@@ -454,6 +457,10 @@ public final class AuthSession: Sendable {
         // The outcome normally comes as a storage event; the lock matters only when its holder
         // died without one, so it is looked at ten times a second, not raced for.
         var nextLook = ContinuousClock.now + .milliseconds(100)
+        // An outcome published after the caller last looked at the record, but before this
+        // attempt subscribed, came with no signal: look once before the first wait. (The view
+        // is updated before the storage's subscribers are called, so a later one signals.)
+        if let (latest, _) = try? record(), movedOn(latest, from: generation) { return .movedOn(latest) }
         while true {
             let now = ContinuousClock.now
             if now >= deadline { return .timedOut }
@@ -606,10 +613,11 @@ public final class AuthSession: Sendable {
     /// minutes), so that a wall clock set forward meanwhile is noticed within that time.
     public func run() async {
         let (wakes, wake) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
-        // Woken on the watcher thread, and only by a change of the record: no task of its own
-        // runs for each change of the storage.
+        // Woken on the watcher thread, and only by a change of the record that may move a
+        // deadline: no task of its own runs for each change of the storage, nor for a
+        // refresher's marker (in a storm, every process would wake for it at once).
         let subscription = storage.onNotification(includingOwnChanges: true) { notification in
-            if case let .change(event) = notification, Self.concernsRecord(event) { wake.yield() }
+            if case let .change(event) = notification, Self.concernsRecord(event), !Self.onlyMarksARefresh(event) { wake.yield() }
         }
         defer { subscription.cancel() }
         var warned: Set<Int64> = []
@@ -710,6 +718,16 @@ public final class AuthSession: Sendable {
     /// Whether `event` may change the session: a change of the record, or a clear.
     static func concernsRecord(_ event: StorageEvent) -> Bool {
         event.key == SessionRecord.key || event.key == nil
+    }
+
+    /// Whether `event` only marks or unmarks a refresh in progress: the rest of the record, and
+    /// so every deadline of ``run()``, is unchanged.
+    static func onlyMarksARefresh(_ event: StorageEvent) -> Bool {
+        guard event.key == SessionRecord.key, var old = SessionRecord.decode(event.oldValue),
+              var new = SessionRecord.decode(event.newValue), old.refreshing != new.refreshing else { return false }
+        old.refreshing = nil
+        new.refreshing = nil
+        return old == new
     }
 
     private func broadcast(_ event: SessionEvent) {

@@ -280,4 +280,33 @@ struct AuthSessionTests {
             #expect(!message.contains("secret"))
         }
     }
+
+    /// An outcome published after a caller looked at the record but before its refresh attempt
+    /// subscribed comes with no signal; the attempt looks once before it waits, and so ends at
+    /// once instead of at the bound (or when the lock comes free, which here it never does).
+    @Test func anOutcomePublishedBeforeTheWaitBeganEndsItAtOnce() async throws {
+        let directory = TemporaryDirectory()
+        let server = FakeTokenServer()
+        var options = AuthSession.Options()
+        options.refreshWaitTimeout = .seconds(3)
+        let a = try AuthSession(directory: directory.path, origin: "a", client: server.client(), options: options)
+        let (access, refresh) = server.issue()
+        try a.adopt(accessToken: access, refreshToken: refresh, expiresIn: 3600)
+        let stale = try #require(SessionRecord.decode(a.storage.get(SessionRecord.key))).generation
+        // Another process refreshed (the new token is stored) and still holds the refresh lock.
+        let (newAccess, newRefresh) = server.issue()
+        try a.adopt(accessToken: newAccess, refreshToken: newRefresh, expiresIn: 3600)
+        let hold = try #require(try a.storage.lock(named: "refresh").tryAcquire())
+        defer { hold.release() }
+
+        let started = ContinuousClock.now
+        let attempt = try await a.refresh(generation: stale, margin: 0)
+        guard case let .movedOn(record) = attempt else {
+            Issue.record("the attempt did not see the stored outcome")
+            return
+        }
+        #expect(record?.accessToken == newAccess)
+        #expect(ContinuousClock.now - started < .seconds(1))
+        #expect(server.refreshCount == 0)
+    }
 }

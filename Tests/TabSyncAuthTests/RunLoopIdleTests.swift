@@ -87,4 +87,51 @@ struct RunLoopIdleTests {
         try b.adopt(accessToken: access, refreshToken: refresh, expiresIn: 3600)
         try await waitForTurn(of: a, after: before)
     }
+
+    /// Whether the loop turns more than `count` times within `bound`.
+    func turns(of session: AuthSession, after count: Int, within bound: Duration) async throws -> Bool {
+        let started = ContinuousClock.now
+        while session.runTurns.load(ordering: .relaxed) <= count, ContinuousClock.now - started < bound {
+            try await Task.sleep(for: .milliseconds(5))
+        }
+        return session.runTurns.load(ordering: .relaxed) > count
+    }
+
+    /// A refresher's marker changes no deadline, so the loop sleeps through it (in a storm every
+    /// process would wake for it at once); the new token that ends the refresh wakes it.
+    @Test func aRefreshersMarkerDoesNotWakeTheLoopButItsNewTokenDoes() async throws {
+        let directory = TemporaryDirectory()
+        let server = FakeTokenServer()
+        let a = try AuthSession(directory: directory.path, origin: "a", client: server.client())
+        let b = try AuthSession(directory: directory.path, origin: "b", client: server.client())
+        let (access, refresh) = server.issue()
+        try b.adopt(accessToken: access, refreshToken: refresh, expiresIn: 3600)
+        let runner = Task { await a.run() }
+        defer { runner.cancel() }
+        try await waitForTurn(of: a, after: 0)
+        let before = a.runTurns.load(ordering: .relaxed)
+        // Subscribed after run(): its handler sees each change after run()'s has.
+        let delivered = Atomic<UInt64>(0)
+        let subscription = a.storage.onNotification(includingOwnChanges: true) { notification in
+            if case let .change(event) = notification { delivered.store(event.sequence, ordering: .relaxed) }
+        }
+        defer { subscription.cancel() }
+
+        // b marks a refresh, as a refresher does before it presents the refresh token.
+        var record = try #require(SessionRecord.decode(b.storage.get(SessionRecord.key)))
+        record.refreshing = .init(generation: record.generation, pid: getpid(), origin: "b", startedAt: record.issuedAt ?? 0)
+        let marked = try await b.storage.set(SessionRecord.key, record.encoded())
+        // A turn for the marker would come within milliseconds of its delivery to run()'s
+        // handler; none comes within half a second.
+        let seen = ContinuousClock.now
+        while delivered.load(ordering: .relaxed) < marked, ContinuousClock.now - seen < .seconds(10) {
+            try await Task.sleep(for: .milliseconds(5))
+        }
+        try #require(delivered.load(ordering: .relaxed) >= marked, "a never saw the marker")
+        #expect(try await !turns(of: a, after: before, within: .milliseconds(500)))
+
+        let (newAccess, newRefresh) = server.issue()
+        try b.adopt(accessToken: newAccess, refreshToken: newRefresh, expiresIn: 3600)
+        try await waitForTurn(of: a, after: before)
+    }
 }
