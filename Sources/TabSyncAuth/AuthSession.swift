@@ -128,7 +128,28 @@ public final class AuthSession: Sendable {
         self.storage = storage
         self.client = client
         self.options = options
+        if client != nil { _ = Self.waitsPrepared }
     }
+
+    /// The refresh wait's machinery, run once in the process at background priority when the
+    /// first session with a token endpoint is made.
+    ///
+    /// The Swift runtime builds a generic type's metadata at its first use, and checking its
+    /// generic requirements then scans every protocol conformance in the process (about 8,000 in
+    /// `tab`). In a refresh storm every process reaches its first wait at the same moment, and
+    /// this was half of a waiting process's CPU in its async code (`perf` of storms of fresh
+    /// `tab` processes): the continuations of ``CancellableWait`` and ``Wakeup``, their states,
+    /// the attempt's task. Running the same code once, on values that wait for nothing, builds
+    /// them off the critical path, whenever the first storm comes.
+    private static let waitsPrepared: Void = {
+        Task.detached(priority: .background) {
+            _ = try? await CancellableWait.value(of: Task<Attempt, Never> { .movedOn(nil) })
+            let wakeup = Wakeup()
+            _ = await wakeup.wait(for: .milliseconds(1))
+            wakeup.signal()
+            _ = await wakeup.wait(for: .zero)
+        }
+    }()
 
     var origin: String { storage.origin }
 
