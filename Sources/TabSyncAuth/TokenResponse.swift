@@ -23,30 +23,33 @@ public struct TokenResponse: Sendable, Hashable, CustomStringConvertible {
     /// Parses the body of a `200` answer of the token endpoint. Every number is range-checked
     /// (``SessionLimits``): an answer that does not fit is ``AuthError/Code/invalidResponse``.
     static func parse(_ body: Data) throws(AuthError) -> TokenResponse {
-        guard let object = try? JSONSerialization.jsonObject(with: body) as? [String: Any],
-              let accessToken = object["access_token"] as? String, !accessToken.isEmpty,
-              let tokenType = object["token_type"] as? String
+        guard let members = FlatJSON.members(body),
+              case let .string(accessToken)? = members["access_token"], !accessToken.isEmpty,
+              case let .string(tokenType)? = members["token_type"]
         else {
             throw AuthError(code: .invalidResponse, message: "The token endpoint's answer is not a valid token response")
         }
         var expiresIn: Int?
-        switch object["expires_in"] {
-        case nil, is NSNull:
+        switch members["expires_in"] {
+        case nil, .null?:
             break
-        case let number as NSNumber:
-            expiresIn = try SessionLimits.seconds(number.doubleValue, of: "expires_in")
-        case let text as String:
+        case let .number(value)?:
+            expiresIn = try SessionLimits.seconds(value, of: "expires_in")
+        case let .string(text)?:
             guard let value = Double(text) else {
                 throw AuthError(code: .invalidResponse, message: "The token endpoint's expires_in is not a number")
             }
             expiresIn = try SessionLimits.seconds(value, of: "expires_in")
-        default:
+        case .other?:
             throw AuthError(code: .invalidResponse, message: "The token endpoint's expires_in is not a number")
         }
-        let refreshToken = object["refresh_token"] as? String
+        var refreshToken: String?
+        if case let .string(text)? = members["refresh_token"] { refreshToken = text }
+        var scope: String?
+        if case let .string(text)? = members["scope"] { scope = text }
         return TokenResponse(
             accessToken: accessToken, tokenType: tokenType, refreshToken: refreshToken?.isEmpty == true ? nil : refreshToken,
-            expiresIn: expiresIn, scope: object["scope"] as? String)
+            expiresIn: expiresIn, scope: scope)
     }
 }
 
@@ -98,8 +101,7 @@ enum JWTExpiry {
         var base64 = parts[1].replacingOccurrences(of: "-", with: "+").replacingOccurrences(of: "_", with: "/")
         base64 += String(repeating: "=", count: (4 - base64.count % 4) % 4)
         guard let data = Data(base64Encoded: base64),
-              let claims = (try? JSONSerialization.jsonObject(with: data)) as? [String: Any],
-              let exp = (claims["exp"] as? NSNumber)?.doubleValue
+              case let .number(exp)? = FlatJSON.members(data)?["exp"]
         else { return nil }
         guard exp.isFinite, exp >= 0, exp * 1000 <= Double(SessionLimits.maximumTime) else {
             throw AuthError(code: .invalidResponse, message: "The access token's exp claim is out of range (1970 to 9999)")
@@ -115,9 +117,11 @@ enum TokenEndpointError {
     static func isTransient(_ status: Int) -> Bool { status == 408 || status == 429 || (500...599).contains(status) }
 
     static func error(status: Int, body: Data, grant: String) -> AuthError {
-        let object = (try? JSONSerialization.jsonObject(with: body)) as? [String: Any]
-        let code = (object?["error"] as? String).map(Self.printable)
-        let description = (object?["error_description"] as? String).map { ": " + Self.printable($0) } ?? ""
+        let members = FlatJSON.members(body)
+        var code: String?
+        if case let .string(text)? = members?["error"] { code = Self.printable(text) }
+        var description = ""
+        if case let .string(text)? = members?["error_description"] { description = ": " + Self.printable(text) }
         let answer = "\(status)" + (code.map { " \($0)" } ?? (body.isEmpty ? " with an empty body" : " with no OAuth error body")) + description
         if isTransient(status) {
             return AuthError(code: .network, message: "The authorization server answered \(answer) to the \(grant) request; trying again later is safe", oauthError: code, httpStatus: status)
@@ -151,4 +155,38 @@ enum TokenEndpointError {
 
 extension Unicode.GeneralCategory {
     fileprivate var isControl: Bool { self == .control || self == .format }
+}
+
+/// The top-level members of one JSON object (RFC 8259), for the small answers of a token
+/// endpoint and a JWT's claims: strings and numbers are read, any other value (`true`, `false`,
+/// an object, an array) is checked and skipped. The last of two members with one name counts.
+///
+/// Read with the session record's `JSONReader` (SessionRecordCodec.swift) rather than
+/// `JSONSerialization`, which costs a process 0.4 ms of CPU at its first use (its types,
+/// bridging to `NSNumber`): that was on a refresh storm's critical path, in the refresher,
+/// between the token endpoint's answer and every other process's new token.
+enum FlatJSON {
+    enum Value: Equatable {
+        case string(String)
+        case number(Double)
+        case null
+        case other
+    }
+
+    /// The object's members, or nil when `bytes` are not one JSON object (whitespace around it
+    /// allowed) with valid UTF-8 strings.
+    static func members(_ bytes: some Collection<UInt8>) -> [String: Value]? {
+        Array(bytes).withUnsafeBufferPointer { buffer in
+            var reader = JSONReader(buffer)
+            var members: [String: Value] = [:]
+            do throws(JSONReader.Invalid) {
+                try reader.object { (key: String, reader: inout JSONReader) throws(JSONReader.Invalid) in
+                    members[key] = try reader.flatValue()
+                }
+                return reader.atEnd() ? members : nil
+            } catch {
+                return nil
+            }
+        }
+    }
 }
