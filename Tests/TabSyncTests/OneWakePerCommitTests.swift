@@ -117,6 +117,41 @@ extension WatcherThreadTests {
             #expect(woken.load(ordering: .relaxed) == 0, "the lock files raised \(woken.load(ordering: .relaxed)) events")
         }
 
+        /// A compaction writes the next generation unnamed (O_TMPFILE) and names it only when it is
+        /// complete: its writes raise no IN_MODIFY in the directory, so readers wake once for it
+        /// (the rename), not once more in the middle of the committer's commit.
+        @Test func aCompactionsWritesWakeNoWatcher() async throws {
+            let directory = TemporaryDirectory()
+            var options = SharedStorage.Options()
+            options.durability = .none
+            // The smallest history: a compaction every few commits.
+            options.journalLimits = JournalLimits(maximumEntries: 1, maximumBytes: 1)
+            let storage = try SharedStorage(directory: directory.path, origin: "writer", options: options)
+            let session = try SessionDirectory(path: directory.path)
+            let written = Atomic<Int>(0), renamed = Atomic<Int>(0), fences = Atomic<Int>(0)
+            let (temporary, detection) = ChangeWatcher.shared.register(
+                directory: session, names: ["storage.log.tmp"], events: UInt32(IN_MODIFY), pollInterval: .seconds(1)
+            ) { _ in written.add(1, ordering: .relaxed) }
+            defer { ChangeWatcher.shared.unregister(temporary) }
+            try #require(detection == .inotify, "this test needs inotify")
+            let (log, _) = ChangeWatcher.shared.register(
+                directory: session, names: ["storage.log"], events: UInt32(IN_MOVED_TO), pollInterval: .seconds(1)
+            ) { _ in renamed.add(1, ordering: .relaxed) }
+            defer { ChangeWatcher.shared.unregister(log) }
+            let (fence, _) = ChangeWatcher.shared.register(
+                directory: session, names: ["fence"], pollInterval: .seconds(1)
+            ) { _ in fences.add(1, ordering: .releasing) }
+            defer { ChangeWatcher.shared.unregister(fence) }
+
+            for index in 0..<40 { try await storage.set("k", "\(index)") }
+            Self.touch(directory.file("fence"))
+            let deadline = ContinuousClock.now + .seconds(20)
+            while fences.load(ordering: .acquiring) == 0, ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(1)) }
+            try #require(fences.load(ordering: .acquiring) > 0, "the fence came through")
+            try #require(renamed.load(ordering: .relaxed) >= 3, "the log was compacted (\(renamed.load(ordering: .relaxed)) renames)")
+            #expect(written.load(ordering: .relaxed) == 0, "the temporary file raised \(written.load(ordering: .relaxed)) IN_MODIFY")
+        }
+
         /// One write to `path`: one IN_MODIFY.
         static func touch(_ path: String) {
             let fd = open(path, O_WRONLY | O_CREAT | O_APPEND, 0o600)

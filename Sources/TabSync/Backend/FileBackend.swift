@@ -595,31 +595,49 @@ public final class FileBackend: StorageBackend {
         return view
     }
 
+    /// `O_TMPFILE` (`__O_TMPFILE | O_DIRECTORY`), which Swift does not import.
+    private static let unnamedFile: Int32 = 0o20_000_000 | O_DIRECTORY
+
     /// Writes `bytes` as the log's next generation (temporary file, fsync, rename) and makes it
     /// the view.
+    ///
+    /// The file is written unnamed (`O_TMPFILE`) and linked as `NAME.log.tmp` only once complete,
+    /// then renamed over the log: its writes raise no event in the watchers of the directory, so
+    /// every reader wakes once for a compaction (the rename), not once more for the write, in the
+    /// middle of the committer's commit. (In a refresh storm the refresher's new token is such a
+    /// compaction: it scrubs the replaced tokens.) A writer killed before the link leaves nothing
+    /// behind. Where the file system has no `O_TMPFILE`, or /proc is not mounted (the link goes
+    /// through /proc/self/fd), the file is named from the start.
     private func replace(_ reader: inout Reader, with bytes: [UInt8]) throws(TabSyncError) {
-        let temporaryPath = directory.path(of: temporaryName)
         try checkSize(bytes.count, of: "The new log would have")
         // A writer killed mid-compaction may have left a temporary file; it never became the log.
         _ = unlinkat(directory.descriptor, temporaryName, 0)
-        let fd = try directory.openFile(temporaryName, flags: O_RDWR | O_EXCL, create: true)
-        do throws(TabSyncError) {
-            var done = 0
-            while done < bytes.count {
-                done += try retrying("write", path: temporaryPath) {
-                    bytes.withUnsafeBytes { Glibc.write(fd, $0.baseAddress! + done, bytes.count - done) }
-                }
-            }
-            if durability != .none, fsync(fd) != 0 {
-                throw TabSyncError.system("fsync", .current, path: temporaryPath)
-            }
-            guard renameat(directory.descriptor, temporaryName, directory.descriptor, logName) == 0 else {
-                throw TabSyncError.system("renameat", .current, path: location)
-            }
-        } catch {
+        var (fd, unnamed) = try writeNextGeneration(bytes)
+        guard renameat(directory.descriptor, temporaryName, directory.descriptor, logName) == 0 else {
+            let errno = Errno.current
             close(fd)
             _ = unlinkat(directory.descriptor, temporaryName, 0)
-            throw error
+            throw TabSyncError.system("renameat", errno, path: location)
+        }
+        if unnamed {
+            // The appends go through a descriptor opened by the log's name: inotify reports a
+            // write to the directory's watchers under the name the descriptor was opened with,
+            // and an O_TMPFILE descriptor has none (every append would go unseen).
+            let named: Int32
+            do throws(TabSyncError) {
+                named = try directory.openFile(logName, flags: O_RDWR, create: false)
+            } catch {
+                close(fd)
+                throw error
+            }
+            var written = stat(), opened = stat()
+            let same = fstat(fd, &written) == 0 && fstat(named, &opened) == 0 && written.st_dev == opened.st_dev && written.st_ino == opened.st_ino
+            close(fd)
+            fd = named
+            guard same else {
+                close(fd)
+                throw TabSyncError(code: .corruptState, path: location, message: "The log was replaced by another program while it was being compacted")
+            }
         }
         var info = stat()
         guard fstat(fd, &info) == 0 else {
@@ -635,6 +653,48 @@ public final class FileBackend: StorageBackend {
         // The rename too: later commits go to the new file, which must be the log after a power loss.
         if durability != .none, fsync(directory.descriptor) != 0 {
             throw TabSyncError.system("fsync", .current, path: directory.path)
+        }
+    }
+
+    /// `bytes` written, synced (unless durability is `none`) and named `NAME.log.tmp`; the
+    /// file's descriptor, and whether it was opened unnamed (see ``replace(_:with:)``).
+    private func writeNextGeneration(_ bytes: [UInt8]) throws(TabSyncError) -> (descriptor: Int32, unnamed: Bool) {
+        let temporaryPath = directory.path(of: temporaryName)
+        let unnamed = openat(directory.descriptor, ".", Self.unnamedFile | O_RDWR | O_CLOEXEC, 0o600)
+        if unnamed >= 0 {
+            do throws(TabSyncError) {
+                try write(bytes, to: unnamed, path: temporaryPath)
+                if linkat(AT_FDCWD, "/proc/self/fd/\(unnamed)", directory.descriptor, temporaryName, AT_SYMLINK_FOLLOW) == 0 {
+                    return (unnamed, true)
+                }
+                let errno = Errno.current
+                guard errno == .noSuchFileOrDirectory else { throw TabSyncError.system("linkat", errno, path: temporaryPath) }
+            } catch {
+                close(unnamed)
+                throw error
+            }
+            close(unnamed)  // no /proc: written again, named from the start
+        }
+        let fd = try directory.openFile(temporaryName, flags: O_RDWR | O_EXCL, create: true)
+        do throws(TabSyncError) {
+            try write(bytes, to: fd, path: temporaryPath)
+        } catch {
+            close(fd)
+            _ = unlinkat(directory.descriptor, temporaryName, 0)
+            throw error
+        }
+        return (fd, false)
+    }
+
+    private func write(_ bytes: [UInt8], to fd: Int32, path: String) throws(TabSyncError) {
+        var done = 0
+        while done < bytes.count {
+            done += try retrying("write", path: path) {
+                bytes.withUnsafeBytes { Glibc.write(fd, $0.baseAddress! + done, bytes.count - done) }
+            }
+        }
+        if durability != .none, fsync(fd) != 0 {
+            throw TabSyncError.system("fsync", .current, path: path)
         }
     }
 
