@@ -212,8 +212,10 @@ struct JSONReader {
             return .null
         case UInt8(ascii: "-"), UInt8(ascii: "0")...UInt8(ascii: "9"):
             let start = index
-            try skipNumber()
-            guard let value = Double(String(decoding: UnsafeBufferPointer(rebasing: bytes[start..<index]), as: UTF8.self)) else { throw Invalid() }
+            try scanNumber()
+            guard let value = Double(String(decoding: UnsafeBufferPointer(rebasing: bytes[start..<index]), as: UTF8.self)), value.isFinite else {
+                throw Invalid()
+            }
             return .number(value)
         default:
             try skipValue()
@@ -393,8 +395,17 @@ struct JSONReader {
         }
     }
 
-    /// A JSON number of any form (RFC 8259 §6).
+    /// A JSON number of any form (RFC 8259 §6) within the range of a Double, as `JSONSerialization`
+    /// reads numbers (`1e400` is refused, not read as infinity).
     private mutating func skipNumber() throws(Invalid) {
+        let start = index
+        try scanNumber()
+        guard let value = Double(String(decoding: UnsafeBufferPointer(rebasing: bytes[start..<index]), as: UTF8.self)), value.isFinite else {
+            throw Invalid()
+        }
+    }
+
+    private mutating func scanNumber() throws(Invalid) {
         func digits() throws(Invalid) {
             let start = index
             while let byte = peek(), (UInt8(ascii: "0")...UInt8(ascii: "9")).contains(byte) { index += 1 }
