@@ -185,3 +185,19 @@ public struct RefreshInProgress: Sendable, Hashable {
         processState = ProcessState(pid: refreshing.pid)
     }
 }
+
+extension SessionRecord: CustomStringConvertible, CustomDebugStringConvertible {
+    /// The record without its tokens: a log line or a test's failure message that shows a record
+    /// (`String(describing:)`, `String(reflecting:)`, string interpolation) shows no secret.
+    var description: String {
+        func value(_ number: Int64?) -> String { number.map(String.init) ?? "nil" }
+        let refresh = refreshing.map { "\($0.origin) (pid \($0.pid), generation \($0.generation), since \($0.startedAt))" } ?? "nil"
+        return "SessionRecord(state: \(state.rawValue), generation: \(generation), "
+            + "accessToken: \(accessToken == nil ? "nil" : "<redacted>"), refreshToken: \(refreshToken == nil ? "nil" : "<redacted>"), "
+            + "expiresAt: \(value(expiresAt)), issuedAt: \(value(issuedAt)), startedAt: \(value(startedAt)), "
+            + "lastActivity: \(value(lastActivity)), refreshing: \(refresh), failures: \(failures), "
+            + "backoffUntil: \(value(backoffUntil)), reason: \(reason?.rawValue ?? "nil"), event: \(event?.rawValue ?? "nil"))"
+    }
+
+    var debugDescription: String { description }
+}

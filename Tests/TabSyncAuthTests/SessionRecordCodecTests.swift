@@ -110,4 +110,17 @@ import Testing
     func refusesWhatIsNotARecord(_ text: String) {
         #expect(SessionRecord.parse(text) == nil)
     }
+
+    /// A record shown in a log line or a failed expectation shows no token.
+    @Test func aRecordsDescriptionShowsNoToken() {
+        var record = SessionRecord()
+        record.state = .signedIn
+        record.accessToken = "access-SECRET-1"
+        record.refreshToken = "refresh-SECRET-2"
+        record.generation = 3
+        for shown in [String(describing: record), String(reflecting: record), "\(record)", String(describing: Optional(record))] {
+            #expect(!shown.contains("SECRET"), "\(shown.replacingOccurrences(of: "SECRET", with: "*"))")
+            #expect(shown.contains("generation: 3"))
+        }
+    }
 }
