@@ -22,6 +22,9 @@ struct CurlTransportTests {
 
         final class Received: Sendable {
             let bytes = Mutex<[UInt8]>([])
+            /// Whether the listener's descriptor is still open: only then may `deinit` shut it
+            /// down (a closed descriptor's number may already be another test's socket).
+            let listening = Mutex(true)
         }
 
         init(behaviour: @escaping @Sendable (_ connection: Int32, _ request: [UInt8]) -> Void) throws {
@@ -39,8 +42,16 @@ struct CurlTransportTests {
             try #require(bound, "cannot listen on 127.0.0.1")
             port = UInt16(bigEndian: address.sin_port)
             let (listening, received) = (listener, request)
+            // The thread closes the listener once accept(2) returns, never `deinit`, which only
+            // shuts it down while it is open: a descriptor closed early could be reused by
+            // another test's socket, which a stale accept(2) or shutdown(2) would then hit (seen
+            // in a CI run as another test's request answered by this server).
             Thread.detachNewThread {
                 let connection = accept(listening, nil, nil)
+                received.listening.withLock { open in
+                    close(listening)
+                    open = false
+                }
                 guard connection >= 0 else { return }
                 // The request's head and its body (the tests' bodies are small).
                 var request: [UInt8] = []
@@ -56,9 +67,11 @@ struct CurlTransportTests {
             }
         }
 
+        /// Ends a wait in accept(2), or makes the next one fail at once.
         deinit {
-            shutdown(listener, Int32(SHUT_RDWR))
-            close(listener)
+            request.listening.withLock { open in
+                if open { shutdown(listener, Int32(SHUT_RDWR)) }
+            }
         }
 
         var url: URL { URL(string: "http://127.0.0.1:\(port)/token")! }
@@ -87,6 +100,7 @@ struct CurlTransportTests {
         let server = try LoopbackServer { connection, _ in
             LoopbackServer.answer(connection, status: "400 Bad Request", body: #"{"error":"invalid_grant"}"#)
         }
+        defer { withExtendedLifetime(server) {} }
         let (status, body) = try await CurlTransport().send(exchange(server.url, headers: ["Authorization": "Basic YXBwOnMzY3JldA=="]))
         #expect(status == 400)
         #expect(String(decoding: body, as: UTF8.self) == #"{"error":"invalid_grant"}"#)
@@ -100,12 +114,19 @@ struct CurlTransportTests {
 
     /// Nothing listens: the request certainly never reached a server, and may be sent again.
     @Test func aRefusedConnectionIsNotSent() async throws {
-        let port: UInt16
-        do {
-            // A port that was free a moment ago, with nothing listening on it now.
-            let server = try LoopbackServer { _, _ in }
-            port = server.port
+        // A port bound but not listening, held for the test: connecting to it is refused, and no
+        // other test can take it meanwhile.
+        let bound = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        defer { close(bound) }
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+        let ready = withUnsafeMutablePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(bound, $0, length) == 0 && getsockname(bound, $0, &length) == 0 }
         }
+        try #require(ready, "cannot bind on 127.0.0.1")
+        let port = UInt16(bigEndian: address.sin_port)
         await #expect(throws: HTTPRequestNotSent.self) {
             _ = try await CurlTransport().send(exchange(URL(string: "http://127.0.0.1:\(port)/token")!))
         }
@@ -118,6 +139,7 @@ struct CurlTransportTests {
         let server = try LoopbackServer { _, _ in
             while !release.withLock({ $0 }) { usleep(10_000) }
         }
+        defer { withExtendedLifetime(server) {} }
         defer { release.withLock { $0 = true } }
         let started = ContinuousClock.now
         do {
@@ -136,6 +158,7 @@ struct CurlTransportTests {
         let server = try LoopbackServer { _, _ in
             while !release.withLock({ $0 }) { usleep(10_000) }
         }
+        defer { withExtendedLifetime(server) {} }
         defer { release.withLock { $0 = true } }
         let request = exchange(server.url, timeout: .seconds(30))
         let task = Task { try await CurlTransport().send(request) }
@@ -157,6 +180,7 @@ struct CurlTransportTests {
         let server = try LoopbackServer { connection, _ in
             LoopbackServer.answer(connection, status: "200 OK", body: String(repeating: "x", count: CurlTransport.maximumResponseSize + 1))
         }
+        defer { withExtendedLifetime(server) {} }
         await #expect(throws: CurlTransportError.self) {
             _ = try await CurlTransport().send(exchange(server.url))
         }
@@ -164,6 +188,7 @@ struct CurlTransportTests {
 
     @Test func aHeaderWithALineBreakIsNotSent() async throws {
         let server = try LoopbackServer { connection, _ in LoopbackServer.answer(connection, status: "200 OK", body: "{}") }
+        defer { withExtendedLifetime(server) {} }
         await #expect(throws: HTTPRequestNotSent.self) {
             _ = try await CurlTransport().send(exchange(server.url, headers: ["X-Injected": "a\r\nX-Other: b"]))
         }
