@@ -478,22 +478,23 @@ public final class AuthSession: Sendable {
         // The outcome normally comes as a storage event; the lock matters only when its holder
         // died without one, so it is looked at ten times a second, not raced for.
         var nextLook = ContinuousClock.now + .milliseconds(100)
-        // An outcome published after the caller last looked at the record, but before this
-        // attempt subscribed, came with no signal: look once before the first wait. (The view
-        // is updated before the storage's subscribers are called, so a later one signals.)
-        if let (latest, _) = try? record(), movedOn(latest, from: generation) { return .movedOn(latest) }
+        // The record is looked at after each signal, and once before the first wait: an outcome
+        // published after the caller last looked, but before this attempt subscribed, came with
+        // no signal. (The view is updated before the storage's subscribers are called, so a
+        // later one signals.)
+        var look = true
         while true {
+            // This process's view may lag behind the store (a busy watcher, a loaded machine),
+            // and then an event is an old change: one of an earlier refresh would hand over an
+            // outdated token. The stored record decides.
+            if look, let (latest, _) = try? record(), movedOn(latest, from: generation) { return .movedOn(latest) }
             let now = ContinuousClock.now
             if now >= deadline { return .timedOut }
             if now >= nextLook {
                 if let hold = try? lock.tryAcquire() { return .locked(hold) }
                 nextLook = now + .milliseconds(100)
             }
-            guard await outcome.wait(for: min(nextLook, deadline) - now) else { continue }
-            // This process's view may lag behind the store (a busy watcher, a loaded machine),
-            // and then an event is an old change: one of an earlier refresh would hand over an
-            // outdated token. The stored record decides.
-            if let (latest, _) = try? record(), movedOn(latest, from: generation) { return .movedOn(latest) }
+            look = await outcome.wait(for: min(nextLook, deadline) - now)
         }
     }
 

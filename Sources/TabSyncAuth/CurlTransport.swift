@@ -154,15 +154,18 @@ private final class CurlTransfer: @unchecked Sendable {
 
     /// Carries out the request, blocking the calling thread until it ends.
     func run() -> Result<(status: Int, body: Data), any Error> {
+        func multiFailure(_ code: CURLMcode) -> Result<(status: Int, body: Data), any Error> {
+            .failure(failure(message: String(cString: curl_multi_strerror(code)), code: -Int(code.rawValue)))
+        }
         var running: Int32 = 1
         while !cancelled.load(ordering: .acquiring) {
             let code = curl_multi_perform(multi, &running)
-            guard code == CURLM_OK else { return .failure(failure(message: String(cString: curl_multi_strerror(code)), code: -Int(code.rawValue))) }
+            guard code == CURLM_OK else { return multiFailure(code) }
             if running == 0 { break }
             // Returns on activity of the connection, at libcurl's next timeout (the request's
             // timeout included), or when `cancel()` wakes it.
             let polled = curl_multi_poll(multi, nil, 0, 1000, nil)
-            guard polled == CURLM_OK else { return .failure(failure(message: String(cString: curl_multi_strerror(polled)), code: -Int(polled.rawValue))) }
+            guard polled == CURLM_OK else { return multiFailure(polled) }
         }
         if running != 0 {
             return .failure(neverSent ? HTTPRequestNotSent(reason: "cancelled before it was sent") : CancellationError())

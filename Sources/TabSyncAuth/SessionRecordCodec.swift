@@ -116,9 +116,9 @@ private struct JSONObjectWriter {
     }
 }
 
-/// Reads the session record's JSON (RFC 8259) from UTF-8 bytes: objects, strings, integers,
-/// `null`, and any other value skipped where a key is unknown.
-/// A JSON reader over bytes, for the session record and (``FlatJSON``) the token endpoint's answers.
+/// Reads JSON (RFC 8259) from UTF-8 bytes: the session record (objects, strings, integers,
+/// `null`, and any other value skipped where a key is unknown), and for ``FlatJSON`` the
+/// members of the token endpoint's answers.
 struct JSONReader {
     struct Invalid: Error {}
 
@@ -211,12 +211,7 @@ struct JSONReader {
             try literal("null")
             return .null
         case UInt8(ascii: "-"), UInt8(ascii: "0")...UInt8(ascii: "9"):
-            let start = index
-            try scanNumber()
-            guard let value = Double(String(decoding: UnsafeBufferPointer(rebasing: bytes[start..<index]), as: UTF8.self)), value.isFinite else {
-                throw Invalid()
-            }
-            return .number(value)
+            return .number(try number())
         default:
             try skipValue()
             return .other
@@ -395,14 +390,19 @@ struct JSONReader {
         }
     }
 
+    private mutating func skipNumber() throws(Invalid) {
+        _ = try number()
+    }
+
     /// A JSON number of any form (RFC 8259 §6) within the range of a Double, as `JSONSerialization`
     /// reads numbers (`1e400` is refused, not read as infinity).
-    private mutating func skipNumber() throws(Invalid) {
+    private mutating func number() throws(Invalid) -> Double {
         let start = index
         try scanNumber()
         guard let value = Double(String(decoding: UnsafeBufferPointer(rebasing: bytes[start..<index]), as: UTF8.self)), value.isFinite else {
             throw Invalid()
         }
+        return value
     }
 
     private mutating func scanNumber() throws(Invalid) {

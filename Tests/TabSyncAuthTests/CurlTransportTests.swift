@@ -86,6 +86,16 @@ struct CurlTransportTests {
             return text.utf8.count - text.utf8.distance(from: text.startIndex, to: end.upperBound) >= length
         }
 
+        /// A server that reads the request and answers nothing until `release` is called.
+        static func silent() throws -> (server: LoopbackServer, release: @Sendable () -> Void) {
+            final class Flag: Sendable { let raised = Mutex(false) }
+            let released = Flag()
+            let server = try LoopbackServer { _, _ in
+                while !released.raised.withLock({ $0 }) { usleep(10_000) }
+            }
+            return (server, { released.raised.withLock { $0 = true } })
+        }
+
         static func answer(_ connection: Int32, status: String, body: String) {
             let response = "HTTP/1.1 \(status)\r\nContent-Type: application/json\r\nContent-Length: \(body.utf8.count)\r\nConnection: close\r\n\r\n\(body)"
             _ = response.withCString { write(connection, $0, strlen($0)) }
@@ -135,12 +145,9 @@ struct CurlTransportTests {
     /// The server read the request and never answered: a timeout after sending is "sent, answer
     /// unknown", never ``HTTPRequestNotSent`` (that would let the refresh token be presented again).
     @Test func aTimeoutAfterTheRequestWasSentIsNotNotSent() async throws {
-        let release = Mutex(false)
-        let server = try LoopbackServer { _, _ in
-            while !release.withLock({ $0 }) { usleep(10_000) }
-        }
+        let (server, release) = try LoopbackServer.silent()
         defer { withExtendedLifetime(server) {} }
-        defer { release.withLock { $0 = true } }
+        defer { release() }
         let started = ContinuousClock.now
         do {
             _ = try await CurlTransport().send(exchange(server.url, timeout: .milliseconds(300)))
@@ -154,12 +161,9 @@ struct CurlTransportTests {
 
     /// Cancelling the request's task ends it at once, not at its timeout.
     @Test func cancellingTheTaskEndsARequestAtOnce() async throws {
-        let release = Mutex(false)
-        let server = try LoopbackServer { _, _ in
-            while !release.withLock({ $0 }) { usleep(10_000) }
-        }
+        let (server, release) = try LoopbackServer.silent()
         defer { withExtendedLifetime(server) {} }
-        defer { release.withLock { $0 = true } }
+        defer { release() }
         let request = exchange(server.url, timeout: .seconds(30))
         let task = Task { try await CurlTransport().send(request) }
         // Cancelled once the server has the request. It ends in milliseconds on a quiet machine;

@@ -28,11 +28,7 @@ struct RunLoopIdleTests {
 
     /// Waits (bounded) until the loop has turned more than `count` times.
     func waitForTurn(of session: AuthSession, after count: Int) async throws {
-        let started = ContinuousClock.now
-        while session.runTurns.load(ordering: .relaxed) <= count, ContinuousClock.now - started < .seconds(10) {
-            try await Task.sleep(for: .milliseconds(5))
-        }
-        try #require(session.runTurns.load(ordering: .relaxed) > count, "run() did not look at the session")
+        try #require(try await turns(of: session, after: count, within: .seconds(10)), "run() did not look at the session")
     }
 
     @Test func aSignedInSessionWithNoDeadlinesDoesNotTurn() async throws {

@@ -132,13 +132,13 @@ final class FakeTokenServer: HTTPTransport {
     }
 }
 
-/// Waits for the first session event that matches, failing after `timeout`.
+/// Waits for the first event (of a session, or a storage) that matches, failing after `timeout`.
 @discardableResult
-func waitFor(
-    _ events: AsyncStream<SessionEvent>, timeout: Duration = .seconds(30),
-    sourceLocation: SourceLocation = #_sourceLocation, where matches: @escaping @Sendable (SessionEvent) -> Bool
-) async -> SessionEvent? {
-    let found = await withTaskGroup(of: SessionEvent?.self) { group in
+func waitFor<Event: Sendable>(
+    _ events: AsyncStream<Event>, timeout: Duration = .seconds(30),
+    sourceLocation: SourceLocation = #_sourceLocation, where matches: @escaping @Sendable (Event) -> Bool
+) async -> Event? {
+    let found = await withTaskGroup(of: Event?.self) { group in
         group.addTask {
             for await event in events where matches(event) { return event }
             return nil
@@ -152,7 +152,7 @@ func waitFor(
         return first
     }
     if found == nil {
-        Issue.record("Timed out after \(timeout) waiting for a session event", sourceLocation: sourceLocation)
+        Issue.record("Timed out after \(timeout) waiting for an event", sourceLocation: sourceLocation)
     }
     return found
 }
