@@ -49,8 +49,9 @@ struct BoundedRefreshWaitTests {
         #expect(value["type"] as? String == "value")
         let quitAt = ContinuousClock.now
         waiting.send("quit")
-        try await waiting.waitForExit("its exit after quit", timeout: .seconds(2))
-        #expect(ContinuousClock.now - quitAt < .seconds(1))
+        try await waiting.waitForExit("its exit after quit", timeout: .seconds(5))
+        // Well before the wait's bound (8 s), with room for a loaded machine.
+        #expect(ContinuousClock.now - quitAt < .seconds(3))
 
         // After SIGCONT the refresher completes or discards its result, and everyone converges.
         refresher.kill(SIGCONT)

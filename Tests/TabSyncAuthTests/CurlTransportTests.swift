@@ -167,7 +167,7 @@ struct CurlTransportTests {
         let request = exchange(server.url, timeout: .seconds(30))
         let task = Task { try await CurlTransport().send(request) }
         // Cancelled once the server has the request. It ends in milliseconds on a quiet machine;
-        // the bound is 1 s, far below the request's timeout (30 s), since this suite shares
+        // the bound is 3 s, far below the request's timeout (30 s), since this suite shares
         // 2 cores with every other test. (libcurl alone, without the wake-up of its poll, would
         // notice at its next internal timer, about 200 ms here: that is not told apart.)
         let waitStarted = ContinuousClock.now
@@ -177,7 +177,7 @@ struct CurlTransportTests {
         let cancelled = ContinuousClock.now
         task.cancel()
         await #expect(throws: CancellationError.self) { _ = try await task.value }
-        #expect(ContinuousClock.now - cancelled < .seconds(1))
+        #expect(ContinuousClock.now - cancelled < .seconds(3))
     }
 
     @Test func aResponseOverTheLimitFailsTheRequest() async throws {
