@@ -104,7 +104,7 @@ public final class AuthSession: Sendable {
     public let storage: SharedStorage
     public let client: OAuthClient?
     let options: Options
-    private let inFlight = Mutex<(generation: Int, task: Task<Attempt, Never>)?>(nil)
+    private let inFlight = Mutex<(generation: Int, outcome: SharedOutcome<Attempt>)?>(nil)
     private let refreshLockCache = Mutex<(any SessionLock)?>(nil)
     private let notices = Mutex<[UInt64: AsyncStream<SessionEvent>.Continuation]>([:])
     private let noticeIDs = Atomic<UInt64>(0)
@@ -138,12 +138,14 @@ public final class AuthSession: Sendable {
     /// generic requirements then scans every protocol conformance in the process (about 8,000 in
     /// `tab`). In a refresh storm every process reaches its first wait at the same moment, and
     /// this was half of a waiting process's CPU in its async code (`perf` of storms of fresh
-    /// `tab` processes): the continuations of ``CancellableWait`` and ``Wakeup``, their states,
+    /// `tab` processes): the continuations of ``SharedOutcome`` and ``Wakeup``, their states,
     /// the attempt's task. Running the same code once, on values that wait for nothing, builds
     /// them off the critical path, whenever the first storm comes.
     private static let waitsPrepared: Void = {
         Task.detached(priority: .background) {
-            _ = try? await CancellableWait.value(of: Task<Attempt, Never> { .movedOn(nil) })
+            let outcome = SharedOutcome<Attempt>()
+            Task.immediate { outcome.finish(.movedOn(nil)) }
+            _ = try? await outcome.value()
             let wakeup = Wakeup()
             _ = await wakeup.wait(for: .milliseconds(1))
             wakeup.signal()
@@ -403,20 +405,26 @@ public final class AuthSession: Sendable {
     /// One refresh attempt for `generation`, shared by every caller in this process. A cancelled
     /// caller stops waiting at once; the attempt goes on for the others.
     func refresh(generation: Int, margin: Int64) async throws -> Attempt {
-        let task = inFlight.withLock { current in
-            if let current, current.generation == generation { return current.task }
-            let task = Task {
+        let (outcome, starts) = inFlight.withLock { current -> (SharedOutcome<Attempt>, Bool) in
+            if let current, current.generation == generation { return (current.outcome, false) }
+            let outcome = SharedOutcome<Attempt>()
+            current = (generation, outcome)
+            return (outcome, true)
+        }
+        if starts {
+            // Its own task, so that it goes on when this caller is cancelled; started on this
+            // thread up to its first wait (`Task.immediate`), not handed to another: in a storm
+            // every process's two cores are busy, and a hop between threads is a context switch.
+            Task.immediate {
                 let result = await self.electAndRefresh(generation: generation, margin: margin)
                 // Done: the next caller starts a new attempt, even when every waiter was cancelled.
                 self.inFlight.withLock { current in
-                    if current?.generation == generation { current = nil }
+                    if current?.outcome === outcome { current = nil }
                 }
-                return result
+                outcome.finish(result)
             }
-            current = (generation, task)
-            return task
         }
-        return try await CancellableWait.value(of: task)
+        return try await outcome.value()
     }
 
     /// The longest a process waits for another's refresh before ``AuthError/Code/refreshTimeout``.

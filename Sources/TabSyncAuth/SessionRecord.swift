@@ -60,7 +60,7 @@ struct SessionRecord: Sendable, Equatable {
     /// The record stored as `text`, or why it cannot be used.
     static func decodeChecked(_ text: String) -> Result<SessionRecord, AuthError> {
         let remembered = lastDecoded.withLock { entries in
-            entries.first { $0.text.utf8.elementsEqual(text.utf8) }?.record
+            entries.first { sameBytes($0.text, text) }?.record
         }
         if let remembered { return .success(remembered) }
         guard text.utf8.count <= 1 << 20, let record = parse(text) else {
@@ -74,6 +74,17 @@ struct SessionRecord: Sendable, Equatable {
             if entries.count > 2 { entries.removeLast() }
         }
         return .success(record)
+    }
+
+    /// Whether `a` and `b` hold the same UTF-8 bytes: not `==`, which would take two canonically
+    /// equivalent texts for one (and a record read from either for the other's). One `memcmp`,
+    /// where `utf8.elementsEqual` went byte by byte through an iterator on every change.
+    static func sameBytes(_ a: String, _ b: String) -> Bool {
+        guard a.utf8.count == b.utf8.count else { return false }
+        var a = a, b = b
+        return a.withUTF8 { x in
+            b.withUTF8 { y in x.count == y.count && (x.isEmpty || memcmp(x.baseAddress!, y.baseAddress!, x.count) == 0) }
+        }
     }
 
     /// What is out of range in the record, if anything: every time within 1970 ... 9999, every

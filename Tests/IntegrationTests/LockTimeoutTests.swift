@@ -13,7 +13,7 @@ struct LockTimeoutTests {
         let directory = temporaryDirectory("stopped-holder")
         defer { try? FileManager.default.removeItem(atPath: directory) }
         let a = try await launchTab(name: "a", directory: directory, extra: ["--lock-timeout", "1"])
-        let b = try await launchTab(name: "b", directory: directory, extra: ["--lock-timeout", "1"])
+        let b = try await launchTab(name: "b", directory: directory, extra: ["--lock-timeout", "3"])
         defer { a.stop(); b.stop() }
         #expect(try await a.ask("set x 1", expecting: ["ok", "error"])["type"] as? String == "ok")
 
@@ -36,10 +36,17 @@ struct LockTimeoutTests {
         holder.kill(SIGSTOP)
 
         let asked = ContinuousClock.now
-        let refused = try await b.ask("set y 2", expecting: ["ok", "error"], timeout: .seconds(5))
-        // Bounded by the lock timeout (1 s), with room for a loaded machine: the holder is stopped
+        let isSetReply: ([String: any Sendable]) -> Bool = {
+            ["ok", "error"].contains($0["type"] as? String ?? "") && $0["cmd"] as? String ?? "set" == "set"
+        }
+        b.send("set y 2")
+        // Meanwhile the session lane answers: it does not wait behind the storage lane.
+        _ = try await b.ask("status", expecting: ["status"], timeout: .seconds(10))
+        #expect(!b.objects.contains(where: isSetReply), "status was answered only after the set gave up")
+        let refused = try await b.waitFor("the reply to set y 2", timeout: .seconds(10), where: isSetReply)[0]
+        // Bounded by the lock timeout (3 s), with room for a loaded machine: the holder is stopped
         // and would otherwise hold it for its 60 s.
-        #expect(ContinuousClock.now - asked < .seconds(4), "not within the lock timeout plus 3 s")
+        #expect(ContinuousClock.now - asked < .seconds(6), "not within the lock timeout plus 3 s")
         #expect(refused["code"] as? String == "lockTimeout", "\(refused)")
         let named = (refused["holders"] as? [[String: any Sendable]])?.first
         #expect((named?["pid"] as? NSNumber)?.int32Value == holder.process.processIdentifier)

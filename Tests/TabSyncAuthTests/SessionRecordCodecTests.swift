@@ -123,4 +123,18 @@ import Testing
             #expect(shown.contains("generation: 3"))
         }
     }
+
+    /// The process remembers the last records it decoded, by their text: two texts that differ
+    /// in their bytes but are equal as Swift strings (canonically equivalent) are two records.
+    @Test func canonicallyEquivalentTextsAreDecodedEachAsItIs() throws {
+        var composed = SessionRecord()
+        composed.state = .signedIn
+        composed.eventOrigin = "caf\u{E9}"
+        var decomposed = composed
+        decomposed.eventOrigin = "cafe\u{301}"
+        let (first, second) = (composed.encoded(), decomposed.encoded())
+        try #require(first == second && !first.utf8.elementsEqual(second.utf8), "Swift compares them as equal, their bytes differ")
+        #expect(SessionRecord.decode(first)?.eventOrigin?.utf8.elementsEqual("caf\u{E9}".utf8) == true)
+        #expect(SessionRecord.decode(second)?.eventOrigin?.utf8.elementsEqual("cafe\u{301}".utf8) == true)
+    }
 }

@@ -1,47 +1,48 @@
 import Dispatch
 import Synchronization
 
-/// Awaiting a task's value in a way that its own cancellation ends at once.
-enum CancellableWait {
-    /// The value of `task`, or `CancellationError` as soon as the calling task is cancelled.
-    /// `task` itself goes on (other callers may be awaiting it too).
-    static func value<Success: Sendable>(of task: Task<Success, Never>) async throws -> Success {
-        let state = Shared<Success>()
+/// The result of work that several callers await, each of whom may stop waiting without ending
+/// it: the work hands its value to every caller still waiting, straight from where it finishes
+/// (no task per caller to relay it), and a cancelled caller gets `CancellationError` at once.
+final class SharedOutcome<Value: Sendable>: Sendable {
+    private struct State {
+        var value: Value?
+        var waiters: [UInt64: CheckedContinuation<Value, any Error>] = [:]
+        var lastWaiter: UInt64 = 0
+    }
+
+    private let state = Mutex(State())
+
+    /// Hands `value` to every caller waiting and to every later one. Only the first call counts.
+    func finish(_ value: Value) {
+        let waiters: [CheckedContinuation<Value, any Error>] = state.withLock { current in
+            guard current.value == nil else { return [] }
+            current.value = value
+            defer { current.waiters = [:] }
+            return Array(current.waiters.values)
+        }
+        for waiter in waiters { waiter.resume(returning: value) }
+    }
+
+    /// The value once the work finishes, or `CancellationError` as soon as the calling task is
+    /// cancelled (the work goes on).
+    func value() async throws -> Value {
+        let id: UInt64 = state.withLock { current in
+            current.lastWaiter += 1
+            return current.lastWaiter
+        }
         return try await withTaskCancellationHandler {
-            try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Success, any Error>) in
-                let cancelled = state.value.withLock { current -> Bool in
-                    if case .cancelled = current { return true }
-                    current = .waiting(continuation)
-                    return false
+            try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Value, any Error>) in
+                let ready: Result<Value, any Error>? = state.withLock { current in
+                    if let value = current.value { return .success(value) }
+                    if Task.isCancelled { return .failure(CancellationError()) }
+                    current.waiters[id] = continuation
+                    return nil
                 }
-                if cancelled { continuation.resume(throwing: CancellationError()); return }
-                Task {
-                    let value = await task.value
-                    state.value.withLock { $0.take() }?.resume(returning: value)
-                }
+                if let ready { continuation.resume(with: ready) }
             }
         } onCancel: {
-            state.value.withLock { current -> CheckedContinuation<Success, any Error>? in
-                defer { current = .cancelled }
-                return current.take()
-            }?.resume(throwing: CancellationError())
-        }
-    }
-
-    private final class Shared<Success: Sendable>: Sendable {
-        let value = Mutex<State<Success>>(.idle)
-    }
-
-    private enum State<Success: Sendable> {
-        case idle
-        case waiting(CheckedContinuation<Success, any Error>)
-        case cancelled
-        case done
-
-        mutating func take() -> CheckedContinuation<Success, any Error>? {
-            guard case let .waiting(continuation) = self else { return nil }
-            self = .done
-            return continuation
+            state.withLock { $0.waiters.removeValue(forKey: id) }?.resume(throwing: CancellationError())
         }
     }
 }
