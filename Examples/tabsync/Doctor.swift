@@ -169,7 +169,8 @@ struct FileReport {
     enum Role: String {
         /// `NAME.log`: the storage's change log.
         case log
-        /// `NAME.log.tmp`: the log's next generation while it is written.
+        /// `NAME.log.tmp`: the log's next generation while it is written (earlier versions and
+        /// peers; TabSync now writes it in `.compacting`).
         case temporary
         /// `NAME.log.corrupt-TIME`: a damaged log moved aside by recovery.
         case corrupt
@@ -179,6 +180,8 @@ struct FileReport {
         case legacy
         /// `NAME.lock`, `NAME.LOCKNAME.lock`.
         case lock
+        /// `.compacting`: the folder in which compactions write a log's next generation.
+        case compactionFolder
         /// Not a TabSync file: ignored.
         case other
     }
@@ -253,7 +256,25 @@ struct FileReport {
             if file.kind == .directory {
                 refusals.append("a directory stands in place of the log's next generation: TabSync cannot create, compact or recover the log")
             } else {
-                warnings.append("the log's next generation is being written (its creation, a compaction or a recovery), or a writer died writing it: the next one written removes it")
+                warnings.append("the log's next generation as written beside the log by an earlier TabSync (now in .compacting), or by a peer, while it compacts; or left by a writer that died writing it: the next one written removes it")
+            }
+        case .compactionFolder:
+            let consequence = "TabSync refuses it, and so every compaction, recovery and commit that replaces a token in this directory"
+            switch file.kind {
+            case .directory:
+                if file.uid != euid {
+                    refusals.append("it is owned by \(User.name(file.uid)) (uid \(file.uid)), not by this user (uid \(euid)): \(consequence)")
+                }
+                if file.permissions & 0o077 != 0 {
+                    refusals.append("its mode \(file.octalMode) lets others in (TabSync creates it 0700): \(consequence)")
+                }
+                if case let .success(inside) = directoryEntries(join(directory, name)), !inside.isEmpty {
+                    warnings.append("holds \(inside.joined(separator: ", ")): a log's next generation being written, or left by a writer that died writing it; the next compaction of that storage removes it")
+                }
+            case .symlink:
+                refusals.append("it is a symbolic link: \(consequence)")
+            default:
+                refusals.append("it is a \(file.kind.phrase), not a directory: \(consequence)")
             }
         case .corrupt:
             warnings.append("a damaged log that recovery moved aside; TabSync never deletes these")
@@ -274,6 +295,8 @@ struct FileReport {
             guard let range = name.range(of: infix) else { return false }
             return isValidName(String(name[..<range.lowerBound]))
         }
+        // SessionDirectory.compactionFolder (docs/FORMAT.md, section 5).
+        if name == ".compacting" { return .compactionFolder }
         if storage(".log") { return .log }
         if storage(".log.tmp") { return .temporary }
         if aside(".log.corrupt-") { return .corrupt }

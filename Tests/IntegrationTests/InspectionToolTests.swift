@@ -254,6 +254,8 @@ struct InspectionToolTests {
         #expect(!(log["store"] as? String ?? "").isEmpty)
         let marker = files.first { $0["name"] as? String == "app.state" } ?? [:]
         #expect(marker["role"] as? String == "state" && marker["check"] as? String == "marker")
+        let folder = files.first { $0["name"] as? String == ".compacting" } ?? [:]
+        #expect(folder["role"] as? String == "compactionFolder" && folder["mode"] as? String == "0700", "\(files.map { $0["name"] })")
 
         let human = try await runTabsync(["doctor", good])
         #expect(human.status == 0)
@@ -261,14 +263,16 @@ struct InspectionToolTests {
 
         #expect(chmod(bad, 0o770) == 0)
         #expect(chmod("\(bad)/app.log", 0o640) == 0)
+        #expect(chmod("\(bad)/.compacting", 0o755) == 0)
         let refused = try await runTabsync(["doctor", bad, "--json"])
         #expect(refused.status == 1)
         let problems = try refused.document()["refused"] as? [[String: Any]] ?? []
         #expect(problems.contains { $0["path"] as? String == bad && ($0["reason"] as? String)?.contains("0770") == true }, "\(problems)")
         #expect(problems.contains { $0["path"] as? String == "\(bad)/app.log" && ($0["reason"] as? String)?.contains("0640") == true }, "\(problems)")
+        #expect(problems.contains { $0["path"] as? String == "\(bad)/.compacting" && ($0["reason"] as? String)?.contains("0755") == true }, "\(problems)")
         let refusedHuman = try await runTabsync(["doctor", bad])
         #expect(refusedHuman.status == 1)
-        #expect(refusedHuman.output.contains("mode 0770") && refusedHuman.output.contains("TabSync would refuse 2 things here"))
+        #expect(refusedHuman.output.contains("mode 0770") && refusedHuman.output.contains("TabSync would refuse 3 things here"))
     }
 
     /// A log with a torn tail, a damaged one, one of a newer version, and a format 1 state file

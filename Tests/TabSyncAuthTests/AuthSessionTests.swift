@@ -99,8 +99,7 @@ struct AuthSessionTests {
         #expect(try b.status().reason == .refreshFailed)
         await #expect { try await b.accessToken() } throws: { ($0 as? AuthError)?.code == .signedOut && ($0 as? AuthError)?.reason == .refreshFailed }
         #expect(server.refreshCount == 1)
-        for file in try FileManager.default.contentsOfDirectory(atPath: directory.path) {
-            let contents = try Data(contentsOf: URL(fileURLWithPath: "\(directory.path)/\(file)"))
+        for (file, contents) in try filesIn(directory.path) {
             #expect(contents.range(of: Data("refresh-1".utf8)) == nil, "\(file) still holds the refresh token")
             #expect(contents.range(of: Data("access-1".utf8)) == nil, "\(file) still holds the access token")
         }
@@ -120,16 +119,14 @@ struct AuthSessionTests {
             _ = try await (round % 2 == 0 ? a : b).accessToken()
             let issued = server.state.withLock { $0.issued }
             let replaced = (1..<issued).flatMap { ["access-\($0)", "refresh-\($0)"] }
-            for file in try FileManager.default.contentsOfDirectory(atPath: directory.path) {
-                let contents = try Data(contentsOf: URL(fileURLWithPath: "\(directory.path)/\(file)"))
+            for (file, contents) in try filesIn(directory.path) {
                 let found = replaced.filter { contents.range(of: Data("\($0)\"".utf8)) != nil }
                 #expect(found.isEmpty, "after refresh \(round + 1), \(file) still holds \(found)")
             }
         }
         try await a.signOut()
         let issued = server.state.withLock { $0.issued }
-        for file in try FileManager.default.contentsOfDirectory(atPath: directory.path) {
-            let contents = try Data(contentsOf: URL(fileURLWithPath: "\(directory.path)/\(file)"))
+        for (file, contents) in try filesIn(directory.path) {
             let found = (1...issued).flatMap { ["access-\($0)\"", "refresh-\($0)\""] }.filter { contents.range(of: Data($0.utf8)) != nil }
             #expect(found.isEmpty, "after sign-out, \(file) still holds \(found)")
         }

@@ -168,3 +168,16 @@ func jwt(rawExp: String) -> String {
     }
     return "\(encode(#"{"alg":"none"}"#)).\(encode(#"{"sub":"alice","exp":\#(rawExp)}"#))."
 }
+
+/// Every file under `directory` (its folders too: compactions write in `.compacting`), with its
+/// contents, by its path relative to `directory`.
+func filesIn(_ directory: String) throws -> [(name: String, contents: Data)] {
+    let enumerator = FileManager.default.enumerator(atPath: directory)
+    var files: [(name: String, contents: Data)] = []
+    while let name = enumerator?.nextObject() as? String {
+        var isDirectory: ObjCBool = false
+        guard FileManager.default.fileExists(atPath: "\(directory)/\(name)", isDirectory: &isDirectory), !isDirectory.boolValue else { continue }
+        files.append((name, try Data(contentsOf: URL(fileURLWithPath: "\(directory)/\(name)"))))
+    }
+    return files
+}

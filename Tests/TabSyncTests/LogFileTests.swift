@@ -231,6 +231,37 @@ struct LogFileTests {
         }
     }
 
+    /// The folder in which compactions write (`.compacting`) is checked as the files are: a
+    /// symbolic link in its place, or a folder open to others, refuses the commit that needs it
+    /// with an error naming it, nothing is written through it, and the log stays as it was.
+    @Test(arguments: [true, false])
+    func anInsecureCompactionFolderIsRefused(link: Bool) throws {
+        let directory = TemporaryDirectory()
+        let elsewhere = TemporaryDirectory()
+        #expect(mkdir(elsewhere.path, 0o700) == 0)
+        let storage = try SharedStorage(directory: directory.path, origin: "a")
+        try storage.set("token", "one")
+        let folder = directory.file(".compacting")
+        _ = rmdir(folder)
+        if link {
+            #expect(symlink(elsewhere.path, folder) == 0)
+        } else {
+            #expect(mkdir(folder, 0o700) == 0 && chmod(folder, 0o755) == 0)
+        }
+        var refused: TabSyncError?
+        do {
+            try storage.transaction { (transaction: inout SharedStorage.Transaction) throws(TabSyncError) in
+                transaction.set("token", "two")
+                transaction.scrubHistory(of: "token")
+            }
+        } catch {
+            refused = error
+        }
+        #expect(refused?.code == .insecurePath && refused?.path == folder, "\(String(describing: refused))")
+        #expect(try storage.get("token") == "one")
+        #expect(try FileManager.default.contentsOfDirectory(atPath: elsewhere.path).isEmpty)
+    }
+
     /// What the storage's store says about its recovery (nil for none).
     private static func recovery(of storage: SharedStorage) throws -> String? {
         try storage.backend.snapshot().recovery

@@ -22,7 +22,7 @@ public enum Durability: String, Sendable, Hashable, CaseIterable {
 /// | file | role |
 /// | --- | --- |
 /// | `NAME.log` | the change log (format 2): appended to by each commit, replaced by rename when compacted |
-/// | `NAME.log.tmp` | the next generation while it is written |
+/// | `.compacting/NAME.log.tmp` | the next generation while it is written (a folder of every storage of the directory, 0700) |
 /// | `NAME.state` | a marker that TabSync 1 (format 1) refuses, instead of starting a store of its own |
 /// | `NAME.lock` | the storage's commit lock (`flock`), never renamed |
 /// | the directory | the directory's commit lock (`flock` on the directory itself) |
@@ -601,28 +601,35 @@ public final class FileBackend: StorageBackend {
     /// Writes `bytes` as the log's next generation (temporary file, fsync, rename) and makes it
     /// the view.
     ///
-    /// The file is written unnamed (`O_TMPFILE`) and linked as `NAME.log.tmp` only once complete,
-    /// then renamed over the log: its writes raise no event in the watchers of the directory, so
-    /// every reader wakes once for a compaction (the rename), not once more for the write, in the
-    /// middle of the committer's commit. (In a refresh storm the refresher's new token is such a
-    /// compaction: it scrubs the replaced tokens.) A writer killed before the link leaves nothing
-    /// behind. Where the file system has no `O_TMPFILE`, or /proc is not mounted (the link goes
-    /// through /proc/self/fd), the file is named from the start.
+    /// The file is written in ``SessionDirectory/compactionFolder``, where its writes raise no
+    /// event in the watchers of the session directory, and renamed from there over the log: every
+    /// reader wakes once for a compaction (the rename), not once more for the write, in the middle
+    /// of the committer's commit. (In a refresh storm the refresher's new token is such a
+    /// compaction: it scrubs the replaced tokens.) It is written unnamed (`O_TMPFILE`) and linked
+    /// as `NAME.log.tmp` only once complete, so that a writer killed before the link leaves
+    /// nothing behind; where the file system has no `O_TMPFILE`, or /proc is not mounted (the
+    /// link goes through /proc/self/fd), it is named from the start.
     private func replace(_ reader: inout Reader, with bytes: [UInt8]) throws(TabSyncError) {
         try checkSize(bytes.count, of: "The new log would have")
-        // A writer killed mid-compaction may have left a temporary file; it never became the log.
+        // Earlier versions wrote the next generation beside the log; one killed mid-compaction
+        // may have left it there, with values it replaced.
         _ = unlinkat(directory.descriptor, temporaryName, 0)
-        var (fd, unnamed) = try writeNextGeneration(bytes)
-        guard renameat(directory.descriptor, temporaryName, directory.descriptor, logName) == 0 else {
+        let folder = try directory.openCompactionFolder()
+        defer { close(folder) }
+        // A writer killed mid-compaction may have left a temporary file; it never became the log.
+        _ = unlinkat(folder, temporaryName, 0)
+        var (fd, unnamed) = try writeNextGeneration(bytes, in: folder)
+        guard renameat(folder, temporaryName, directory.descriptor, logName) == 0 else {
             let errno = Errno.current
             close(fd)
-            _ = unlinkat(directory.descriptor, temporaryName, 0)
+            _ = unlinkat(folder, temporaryName, 0)
             throw TabSyncError.system("renameat", errno, path: location)
         }
         if unnamed {
             // The appends go through a descriptor opened by the log's name: inotify reports a
-            // write to the directory's watchers under the name the descriptor was opened with,
-            // and an O_TMPFILE descriptor has none (every append would go unseen).
+            // write to the watchers of the directory the descriptor was opened in, under that
+            // name, and an O_TMPFILE descriptor was opened in the compaction folder, with none
+            // (every append would go unseen).
             let named: Int32
             do throws(TabSyncError) {
                 named = try directory.openFile(logName, flags: O_RDWR, create: false)
@@ -656,15 +663,16 @@ public final class FileBackend: StorageBackend {
         }
     }
 
-    /// `bytes` written, synced (unless durability is `none`) and named `NAME.log.tmp`; the
-    /// file's descriptor, and whether it was opened unnamed (see ``replace(_:with:)``).
-    private func writeNextGeneration(_ bytes: [UInt8]) throws(TabSyncError) -> (descriptor: Int32, unnamed: Bool) {
-        let temporaryPath = directory.path(of: temporaryName)
-        let unnamed = openat(directory.descriptor, ".", Self.unnamedFile | O_RDWR | O_CLOEXEC, 0o600)
+    /// `bytes` written, synced (unless durability is `none`) and named `NAME.log.tmp` in `folder`
+    /// (the compaction folder); the file's descriptor, and whether it was opened unnamed (see
+    /// ``replace(_:with:)``).
+    private func writeNextGeneration(_ bytes: [UInt8], in folder: Int32) throws(TabSyncError) -> (descriptor: Int32, unnamed: Bool) {
+        let temporaryPath = directory.path(of: SessionDirectory.compactionFolder + "/" + temporaryName)
+        let unnamed = openat(folder, ".", Self.unnamedFile | O_RDWR | O_CLOEXEC, 0o600)
         if unnamed >= 0 {
             do throws(TabSyncError) {
                 try write(bytes, to: unnamed, path: temporaryPath)
-                if linkat(AT_FDCWD, "/proc/self/fd/\(unnamed)", directory.descriptor, temporaryName, AT_SYMLINK_FOLLOW) == 0 {
+                if linkat(AT_FDCWD, "/proc/self/fd/\(unnamed)", folder, temporaryName, AT_SYMLINK_FOLLOW) == 0 {
                     return (unnamed, true)
                 }
                 let errno = Errno.current
@@ -675,12 +683,14 @@ public final class FileBackend: StorageBackend {
             }
             close(unnamed)  // no /proc: written again, named from the start
         }
-        let fd = try directory.openFile(temporaryName, flags: O_RDWR | O_EXCL, create: true)
+        let fd = try retrying("openat", path: temporaryPath) {
+            openat(folder, temporaryName, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK, 0o600)
+        }
         do throws(TabSyncError) {
             try write(bytes, to: fd, path: temporaryPath)
         } catch {
             close(fd)
-            _ = unlinkat(directory.descriptor, temporaryName, 0)
+            _ = unlinkat(folder, temporaryName, 0)
             throw error
         }
         return (fd, false)

@@ -251,6 +251,49 @@ extension SessionDirectory {
         return fd
     }
 
+    /// The folder in which a compaction writes a log's next generation, `.compacting`, before it
+    /// renames it over the log. A file written there raises no event in the watchers of the
+    /// session directory (an inotify watch sees one level), so that a compaction wakes each
+    /// reader once, at the rename, not also in the middle of the writer's commit.
+    static let compactionFolder = ".compacting"
+
+    /// Opens ``compactionFolder``, creating it (mode 0700) when missing, with the session
+    /// directory's checks and stricter ones: owned by this user, no access for group or others,
+    /// not a symbolic link.
+    func openCompactionFolder() throws(TabSyncError) -> Int32 {
+        let name = Self.compactionFolder
+        if mkdirat(descriptor, name, 0o700) != 0 {
+            let errno = Errno.current
+            if errno != .fileExists {
+                throw TabSyncError(code: .io, path: path(of: name), message: "Cannot create the folder for compactions", errno: errno)
+            }
+        }
+        let fd = openat(descriptor, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
+        guard fd >= 0 else {
+            let errno = Errno.current
+            var info = stat()
+            let link = fstatat(descriptor, name, &info, AT_SYMLINK_NOFOLLOW) == 0 && info.st_mode & S_IFMT == S_IFLNK
+            if link || errno.rawValue == ELOOP {
+                throw TabSyncError(code: .insecurePath, path: path(of: name), message: "Refusing a symbolic link in place of the folder for compactions", errno: errno)
+            }
+            switch errno.rawValue {
+            case ENOTDIR:
+                throw TabSyncError(code: .notRegularFile, path: path(of: name), message: "A file stands in place of the folder for compactions", errno: errno)
+            default:
+                throw TabSyncError.system("openat", errno, path: path(of: name))
+            }
+        }
+        var info = stat()
+        do throws(TabSyncError) {
+            guard fstat(fd, &info) == 0 else { throw TabSyncError.system("fstat", .current, path: path(of: name)) }
+            try Self.checkOwnership(info, path: path(of: name), what: "folder for compactions", forbidden: 0o077)
+        } catch {
+            close(fd)
+            throw error
+        }
+        return fd
+    }
+
     /// Returns nil when the file does not exist.
     func openExisting(_ name: String, flags: Int32) throws(TabSyncError) -> Int32? {
         do {
