@@ -305,7 +305,8 @@ public final class SharedStorage: Sendable {
     /// ``set(_:_:)-5k8tb`` for async code. It never blocks a Swift concurrency thread:
     /// its turn among this instance's commits and its wait for the commit locks suspend the task,
     /// and the file work and fsync run on a few threads of TabSync's own (at most
-    /// four per process, however many commits wait). Bounded by ``Options/lockTimeout`` like the
+    /// four per process, however many commits wait), except on a memory file system (tmpfs,
+    /// ramfs: `$XDG_RUNTIME_DIR`), where they cannot block and run on the calling thread. Bounded by ``Options/lockTimeout`` like the
     /// synchronous version; a cancelled task gets `CancellationError` at once, with nothing
     /// committed. Throws ``TabSyncError`` or `CancellationError`.
     @discardableResult
@@ -328,15 +329,15 @@ public final class SharedStorage: Sendable {
         }
     }
 
-    /// ``update(_:)-2yak0`` for async code; `body` runs on one of TabSync's threads, under the commit
-    /// locks. See ``set(_:_:)-372bf``.
+    /// ``update(_:)-2yak0`` for async code; `body` runs under the commit locks, on one of
+    /// TabSync's threads (on tmpfs, on the calling one). See ``set(_:_:)-372bf``.
     @discardableResult
     public func update(_ body: @escaping @Sendable (inout [String: String]) -> Void) async throws -> UInt64 {
         try await transaction { transaction throws(TabSyncError) in Self.apply(body, to: &transaction) }
     }
 
-    /// ``transaction(_:)`` for async code; `body` runs on one of TabSync's threads, under the
-    /// commit locks. See ``set(_:_:)-372bf``.
+    /// ``transaction(_:)`` for async code; `body` runs under the commit locks, on one of
+    /// TabSync's threads (on tmpfs, on the calling one). See ``set(_:_:)-372bf``.
     public func transaction<Result: Sendable>(
         _ body: @escaping @Sendable (inout Transaction) throws(TabSyncError) -> Result
     ) async throws -> Result {

@@ -149,19 +149,26 @@ public struct OAuthClient: Sendable {
         return response
     }
 
+    /// `text`'s UTF-8 bytes, copied at once: `Data(text.utf8)` takes Data's generic path for a
+    /// sequence, with dynamic casts, in the refresher's critical path.
+    static func bytes(_ text: String) -> Data {
+        var text = text
+        return text.withUTF8 { Data(buffer: $0) }
+    }
+
     private func post(_ url: URL, _ form: [String: String]) async throws(AuthError) -> (Int, Data) {
         var form = form
         var headers = ["Content-Type": "application/x-www-form-urlencoded", "Accept": "application/json"]
         switch configuration.clientAuthentication {
         case .basic:
             let credentials = "\(Self.formEncode(configuration.clientID)):\(Self.formEncode(configuration.clientSecret ?? ""))"
-            headers["Authorization"] = "Basic " + Data(credentials.utf8).base64EncodedString()
+            headers["Authorization"] = "Basic " + Self.bytes(credentials).base64EncodedString()
         case .form:
             form["client_id"] = configuration.clientID
             if let secret = configuration.clientSecret { form["client_secret"] = secret }
         }
         let body = form.sorted { $0.key < $1.key }.map { "\(Self.formEncode($0.key))=\(Self.formEncode($0.value))" }.joined(separator: "&")
-        let exchange = HTTPExchange(url: url, method: "POST", headers: headers, body: Data(body.utf8), timeout: configuration.timeout)
+        let exchange = HTTPExchange(url: url, method: "POST", headers: headers, body: Self.bytes(body), timeout: configuration.timeout)
         do {
             let (status, data) = try await transport.send(exchange)
             return (status, data)

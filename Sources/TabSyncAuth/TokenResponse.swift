@@ -96,11 +96,19 @@ enum JWTExpiry {
     /// nil for a token that is not a JWT or has no numeric `exp`; an error for an `exp` outside
     /// 1970 ... 9999.
     static func expiry(of token: String) throws(AuthError) -> Date? {
-        let parts = token.split(separator: ".", omittingEmptySubsequences: false)
-        guard parts.count == 3, parts[1].utf8.count <= 65_536 else { return nil }
-        var base64 = parts[1].replacingOccurrences(of: "-", with: "+").replacingOccurrences(of: "_", with: "/")
-        base64 += String(repeating: "=", count: (4 - base64.count % 4) % 4)
-        guard let data = Data(base64Encoded: base64),
+        // Bytes throughout (base64url to base64, then padding): `replacingOccurrences` went
+        // through NSString, a good part of the refresher's own time before it stores the token.
+        let parts = token.utf8.split(separator: UInt8(ascii: "."), omittingEmptySubsequences: false)
+        guard parts.count == 3, parts[1].count <= 65_536 else { return nil }
+        var base64 = parts[1].map { byte in
+            switch byte {
+            case UInt8(ascii: "-"): UInt8(ascii: "+")
+            case UInt8(ascii: "_"): UInt8(ascii: "/")
+            default: byte
+            }
+        }
+        base64 += repeatElement(UInt8(ascii: "="), count: (4 - base64.count % 4) % 4)
+        guard let data = Data(base64Encoded: Data(base64)),
               case let .number(exp)? = FlatJSON.members(data)?["exp"]
         else { return nil }
         guard exp.isFinite, exp >= 0, exp * 1000 <= Double(SessionLimits.maximumTime) else {

@@ -125,6 +125,12 @@ struct OAuthClientTests {
         #expect(try JWTExpiry.expiry(of: jwt(exp: exp)) == exp)
         #expect(try JWTExpiry.expiry(of: "opaque-token") == nil)
         #expect(try JWTExpiry.expiry(of: "a.!!!.c") == nil)
+        // base64url's own letters (- and _ for + and /), without its padding: ">>>" and "???"
+        // are "Pj4-" and "Pz8_".
+        let payload = Data(#"{"exp":2000000000,"x":">>>???"}"#.utf8).base64EncodedString()
+        try #require(payload.contains("+") && payload.contains("/") && payload.hasSuffix("="), "\(payload)")
+        let url = payload.replacingOccurrences(of: "+", with: "-").replacingOccurrences(of: "/", with: "_").replacingOccurrences(of: "=", with: "")
+        #expect(try JWTExpiry.expiry(of: "e30.\(url).sig") == exp)
         // An exp of 1e300 is refused with a clear error instead of trapping.
         #expect(throws: AuthError.self) { try JWTExpiry.expiry(of: jwt(rawExp: "1e300")) }
     }

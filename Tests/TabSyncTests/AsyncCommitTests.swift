@@ -13,8 +13,16 @@ struct AsyncCommitTests {
         return try #require(try acquireSoon(lock))
     }
 
-    @Test func blockedCommitsLeaveTheCooperativePoolFreeAndUseAFixedNumberOfThreads() async throws {
-        let directory = TemporaryDirectory()
+    /// On tmpfs the file work runs on the calling thread; everything above holds there as well.
+    @Test func theMemoryFileSystemIsRecognized() throws {
+        try #require(TemporaryDirectory.fileSystems.count == 2, "this machine has no /dev/shm")
+        let memory = TemporaryDirectory(under: TemporaryDirectory.fileSystems[1])
+        #expect(try SessionDirectory(path: memory.path).isMemoryFileSystem)
+    }
+
+    @Test(arguments: TemporaryDirectory.fileSystems)
+    func blockedCommitsLeaveTheCooperativePoolFreeAndUseAFixedNumberOfThreads(on fileSystem: String) async throws {
+        let directory = TemporaryDirectory(under: fileSystem)
         let storage = try SharedStorage(directory: directory.path, origin: "a")
         let hold = try Self.holdCommitLock(directory)
         // More waiting commits than the pool has threads (one per core): blocking ones would
@@ -37,8 +45,9 @@ struct AsyncCommitTests {
         #expect(try storage.snapshot().sequence == 64)
     }
 
-    @Test func aCancelledCommitReturnsAtOnceAndCommitsNothing() async throws {
-        let directory = TemporaryDirectory()
+    @Test(arguments: TemporaryDirectory.fileSystems)
+    func aCancelledCommitReturnsAtOnceAndCommitsNothing(on fileSystem: String) async throws {
+        let directory = TemporaryDirectory(under: fileSystem)
         let storage = try SharedStorage(directory: directory.path, origin: "a")
         let hold = try Self.holdCommitLock(directory)
         let waiting = Task { try await storage.set("k", "v") }
@@ -56,8 +65,9 @@ struct AsyncCommitTests {
         #expect(try await storage.set("k", "v2") == 1, "the storage works on")
     }
 
-    @Test func anAsyncCommitWaitsAtMostTheLockTimeoutAndNamesTheHolder() async throws {
-        let directory = TemporaryDirectory()
+    @Test(arguments: TemporaryDirectory.fileSystems)
+    func anAsyncCommitWaitsAtMostTheLockTimeoutAndNamesTheHolder(on fileSystem: String) async throws {
+        let directory = TemporaryDirectory(under: fileSystem)
         var options = SharedStorage.Options()
         options.lockTimeout = .milliseconds(300)
         let storage = try SharedStorage(directory: directory.path, origin: "a", options: options)
@@ -74,8 +84,9 @@ struct AsyncCommitTests {
         #expect(try await storage.set("k", "v") == 1)
     }
 
-    @Test func asyncAndSynchronousCommitsTakeTurnsAndLoseNothing() async throws {
-        let directory = TemporaryDirectory()
+    @Test(arguments: TemporaryDirectory.fileSystems)
+    func asyncAndSynchronousCommitsTakeTurnsAndLoseNothing(on fileSystem: String) async throws {
+        let directory = TemporaryDirectory(under: fileSystem)
         let storage = try SharedStorage(directory: directory.path, origin: "a")
         let other = try SharedStorage(directory: directory.path, origin: "b")
         try await withThrowingTaskGroup(of: Void.self) { group in

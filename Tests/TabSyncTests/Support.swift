@@ -8,9 +8,17 @@ struct TemporaryDirectory: ~Copyable {
     let path: String
 
     init() {
-        let base = FileManager.default.temporaryDirectory.path
+        self.init(under: FileManager.default.temporaryDirectory.path)
+    }
+
+    init(under base: String) {
         path = "\(base)/tabsync-test-\(UUID().uuidString.prefix(8))"
     }
+
+    /// Where tests that depend on the file system run: the temporary directory, and a memory
+    /// file system (tmpfs, where async commits do their file work on the calling thread).
+    static let fileSystems: [String] = [FileManager.default.temporaryDirectory.path]
+        + (FileManager.default.fileExists(atPath: "/dev/shm") ? ["/dev/shm"] : [])
 
     func file(_ name: String) -> String { "\(path)/\(name)" }
 

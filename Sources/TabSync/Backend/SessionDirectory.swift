@@ -23,6 +23,9 @@ public final class SessionDirectory: Sendable {
     let inode: UInt64
     /// True when the file system is known not to deliver inotify events (NFS, CIFS, FUSE...).
     let isRemoteFileSystem: Bool
+    /// True on tmpfs and ramfs (`$XDG_RUNTIME_DIR`, /dev/shm): a write is a memory copy and
+    /// `fsync` does nothing, so no file operation in the directory waits for a device.
+    let isMemoryFileSystem: Bool
 
     /// Opens (and creates when missing) a session directory.
     public init(path: String, create: Bool = true) throws(TabSyncError) {
@@ -57,7 +60,9 @@ public final class SessionDirectory: Sendable {
             throw error
         }
         var fs = statfs()
-        let remote = fstatfs(fd, &fs) == 0 && Self.remoteMagics.contains(Int64(fs.f_type))
+        let known = fstatfs(fd, &fs) == 0
+        let remote = known && Self.remoteMagics.contains(Int64(fs.f_type))
+        self.isMemoryFileSystem = known && Self.memoryMagics.contains(Int64(fs.f_type))
         self.descriptor = fd
         self.device = UInt64(info.st_dev)
         self.inode = UInt64(info.st_ino)
@@ -161,6 +166,9 @@ public final class SessionDirectory: Sendable {
     // NFS, SMB/CIFS, SMB2, FUSE, 9p, Ceph, AFS, Coda: file systems where other hosts' changes
     // produce no inotify event.
     static let remoteMagics: Set<Int64> = [0x6969, 0xFF53_4D42, 0x5346_4D42, 0x6573_5546, 0x0102_1997, 0x00C3_6400, 0x5346_414F, 0x7375_7245]
+
+    // tmpfs, ramfs.
+    static let memoryMagics: Set<Int64> = [0x0102_1994, 0x8584_58F6]
 
     private static func makeDirectories(_ path: String) throws(TabSyncError) {
         var prefix = path.hasPrefix("/") ? "/" : ""
