@@ -62,9 +62,12 @@ struct LogView: Sendable {
             case let .invalid(problem):
                 return (applied, .invalid(at: offset + committed, problem))
             case let .record(record, end):
-                // A planted log can start at any number: one that cannot count on is not read on.
+                // A planted log can start at any number: one that cannot count on is not read on
+                // past its last number (its snapshot, which takes none, still is).
                 let (expected, overflow) = sequence.addingReportingOverflow(UInt64(pending.count) + 1)
-                if overflow { return (applied, .invalid(at: offset + committed, "the sequence numbers run out")) }
+                if overflow, case .change = record.body {
+                    return (applied, .invalid(at: offset + committed, "the sequence numbers run out"))
+                }
                 if let problem = problem(with: record, expected: expected, pending: pending.count) {
                     return (applied, .invalid(at: offset + committed, problem))
                 }
