@@ -10,6 +10,8 @@ import Glibc
 public enum JSON: Sendable {
     case string(String)
     case int(Int64)
+    /// A sequence number: unsigned, since a planted log may count up to 2^64 - 1.
+    case unsigned(UInt64)
     case bool(Bool)
     case null
     case array([JSON])
@@ -27,6 +29,7 @@ public enum JSON: Sendable {
         switch self {
         case let .string(text): Self.quote(text)
         case let .int(number): String(number)
+        case let .unsigned(number): String(number)
         case let .bool(flag): flag ? "true" : "false"
         case .null: "null"
         case let .array(items): "[" + items.map(\.encoded).joined(separator: ",") + "]"

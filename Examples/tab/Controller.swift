@@ -2,6 +2,7 @@ import ExampleSupport
 import Foundation
 import TabSync
 import TabSyncAuth
+import Synchronization
 
 #if canImport(Glibc)
 import Glibc
@@ -23,9 +24,18 @@ struct Controller: Sendable {
         let storageNotifications = app.notifications()
         let sessionEvents = session.events()
         let (sessionLane, sessionCommands) = AsyncStream.makeStream(of: String.self)
-        let commands = Self.standardInputLines(sessionCommands: sessionCommands)
-
-        let sessionTask = Task { for await line in sessionLane { await execute(line) } }
+        // Each session command runs in a task of its own, started on the lane's thread: `quit`
+        // cancels the one running and every one after it, while the lane itself is not
+        // cancelled and so still takes every command given before `quit` (a cancelled task's
+        // `for await` over a stream ends at once, dropping what is buffered).
+        let lane = Mutex<(running: Task<Void, Never>?, quitting: Bool)>((nil, false))
+        let sessionTask = Task {
+            for await line in sessionLane {
+                let command = Task.immediate { await execute(line) }
+                if lane.withLock({ state in state.running = command; return state.quitting }) { command.cancel() }
+                await command.value
+            }
+        }
         await withTaskGroup(of: Void.self) { group in
             group.addTask { await printStorage(storageNotifications) }
             group.addTask { await printSession(sessionEvents) }
@@ -33,6 +43,8 @@ struct Controller: Sendable {
             output.emit([("type", .string("ready")), ("tab", .string(name)), ("pid", .int(Int64(getpid())))])
             // Polling from the start (inotify unavailable) is reported like a later fallback.
             if case .polling = app.changeDetection { reportDetection(app.changeDetection) }
+            // Input is read from here on, so that `ready` is the first line, before any reply.
+            let commands = Self.standardInputLines(sessionCommands: sessionCommands)
             for await line in commands {
                 if line == "quit" { break }
                 await execute(line)
@@ -44,7 +56,10 @@ struct Controller: Sendable {
             // session rather than present a token that may have been rotated. `_exit`: other
             // threads are still running, and output is written unbuffered.
             sessionCommands.finish()
-            sessionTask.cancel()
+            lane.withLock { state in
+                state.quitting = true
+                return state.running
+            }?.cancel()
             await sessionTask.value
             _exit(0)
         }
@@ -71,7 +86,7 @@ struct Controller: Sendable {
                 // can tell them from the replay of single changes.
                 output.emit([
                     ("type", .string("storage")), ("key", .from(event.key)), ("oldValue", .from(event.oldValue)),
-                    ("newValue", .from(event.newValue)), ("origin", .string(event.origin)), ("seq", .int(Int64(event.sequence))),
+                    ("newValue", .from(event.newValue)), ("origin", .string(event.origin)), ("seq", .unsigned(event.sequence)),
                 ] + (event.isResync ? [("resync", .bool(true))] : []))
             case let .problem(error):
                 output.emit([("type", .string("error")), ("code", .string(Self.code(error))), ("message", .string(error.description))])
@@ -111,7 +126,7 @@ struct Controller: Sendable {
     }
 
     private func sessionLine(_ state: String, origin: String, reason: String?, sequence: UInt64) -> [(String, JSON)] {
-        [("type", .string("session")), ("state", .string(state)), ("origin", .string(origin)), ("reason", .from(reason)), ("seq", .int(Int64(sequence)))]
+        [("type", .string("session")), ("state", .string(state)), ("origin", .string(origin)), ("reason", .from(reason)), ("seq", .unsigned(sequence))]
     }
 
     // MARK: Commands
@@ -179,7 +194,7 @@ struct Controller: Sendable {
                 output.emit([
                     ("type", .string("status")), ("state", .string(status.isSignedIn ? "signedIn" : "signedOut")),
                     ("expiresAt", .from(status.expiresAt.map { Int64($0.timeIntervalSince1970 * 1000) })),
-                    ("reason", .from(status.reason?.rawValue)), ("seq", .int(Int64(status.sequence))),
+                    ("reason", .from(status.reason?.rawValue)), ("seq", .unsigned(status.sequence)),
                     ("refreshing", status.refresh.map(Self.describe) ?? .null),
                 ])
             default:
@@ -220,7 +235,7 @@ struct Controller: Sendable {
 
     private func ok(_ command: String, sequence: UInt64? = nil) {
         var fields: [(String, JSON)] = [("type", .string("ok")), ("cmd", .string(command))]
-        if let sequence { fields.append(("seq", .int(Int64(sequence)))) }
+        if let sequence { fields.append(("seq", .unsigned(sequence))) }
         output.emit(fields)
     }
 

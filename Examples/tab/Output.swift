@@ -39,6 +39,7 @@ final class Output: Sendable {
             switch value {
             case let .string(string): text = key == "accessToken" ? "<token, \(string.count) characters>" : Self.printable(string)
             case let .int(number): text = key == "expiresAt" ? Self.time(number) : String(number)
+            case let .unsigned(number): text = String(number)
             case let .bool(flag): text = flag ? "yes" : "no"
             case .null: text = "-"
             case .object, .array: text = Self.printable(value.encoded)

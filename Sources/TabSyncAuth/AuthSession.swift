@@ -203,7 +203,8 @@ public final class AuthSession: Sendable {
     }
 
     /// ``change(_:)`` for async callers: the commit never blocks a Swift concurrency thread
-    /// (SharedStorage's async `transaction`), and `body` runs on one of TabSync's threads.
+    /// (SharedStorage's async `transaction`), and `body` runs on one of TabSync's threads (on
+    /// tmpfs, where the file work cannot block, on the calling one).
     @discardableResult
     private func change<Result: Sendable>(
         _ body: @escaping @Sendable (inout SessionRecord) throws(AuthError) -> Result

@@ -62,6 +62,23 @@ struct StorageAcrossProcessesTests {
         #expect(!FileManager.default.fileExists(atPath: directory))
     }
 
+    /// Commands given before the tab is ready (all of its input at once, then its end) are
+    /// answered after `ready`, which is the first line: a session command too, though it takes
+    /// another lane than the storage's.
+    @Test func readyIsTheFirstLineWhateverCameBeforeIt() async throws {
+        let directory = temporaryDirectory("ready-first")
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let tab = try ChildProcess("\(productsDirectory)/tab", ["--dir", directory, "--name", "a", "--json"], name: "a")
+        for _ in 0..<200 { tab.send("status") }
+        tab.send("get k")
+        tab.closeInput()
+        try await tab.waitForExit()
+        let types = tab.objects.map { $0["type"] as? String ?? "?" }
+        #expect(types.first == "ready", "\(types)")
+        // Every command given before the end of input is carried out, the session lane's too.
+        #expect(types.filter { $0 == "status" }.count == 200 && types.contains("value"), "\(types)")
+    }
+
     @Test func aDirectoryWritableByOthersIsRefusedWithOneLine() async throws {
         let directory = temporaryDirectory("perm")
         defer { try? FileManager.default.removeItem(atPath: directory) }

@@ -262,6 +262,10 @@ struct LogFileTests {
         #expect(refused?.code == .insecurePath && refused?.path == folder, "\(String(describing: refused))")
         #expect(try storage.get("token") == "one")
         #expect(try FileManager.default.contentsOfDirectory(atPath: elsewhere.path).isEmpty)
+        // A process that opens the storage now is refused at once, not at its first compaction.
+        #expect { try SharedStorage(directory: directory.path, origin: "b") } throws: { error in
+            (error as? TabSyncError)?.code == .insecurePath && (error as? TabSyncError)?.path == folder
+        }
     }
 
     /// What the storage's store says about its recovery (nil for none).

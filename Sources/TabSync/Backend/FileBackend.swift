@@ -116,6 +116,10 @@ public final class FileBackend: StorageBackend {
         if try directory.inspect(logName) == nil {
             // Creates the log (and its store identifier) so that every reader starts from one store.
             try commitView { _ in }
+        } else {
+            // Checked (and created) at once: found refused only at a compaction, it would fail
+            // a commit that scrubs, such as a session's new token after the old one was presented.
+            close(try directory.openCompactionFolder())
         }
     }
 
