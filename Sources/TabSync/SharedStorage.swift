@@ -306,9 +306,10 @@ public final class SharedStorage: Sendable {
     /// its turn among this instance's commits and its wait for the commit locks suspend the task,
     /// and the file work and fsync run on a few threads of TabSync's own (at most
     /// four per process, however many commits wait), except on a memory file system (tmpfs,
-    /// ramfs: `$XDG_RUNTIME_DIR`), where they cannot block and run on the calling thread. Bounded by ``Options/lockTimeout`` like the
-    /// synchronous version; a cancelled task gets `CancellationError` at once, with nothing
-    /// committed. Throws ``TabSyncError`` or `CancellationError`.
+    /// ramfs: `$XDG_RUNTIME_DIR`), where they cannot block and run on the calling thread.
+    /// Bounded by ``Options/lockTimeout`` like the synchronous version; a cancelled task gets
+    /// `CancellationError` at once, with nothing committed. Throws ``TabSyncError`` or
+    /// `CancellationError`.
     @discardableResult
     public func set(_ key: String, _ value: String) async throws -> UInt64 {
         try await update { $0[key] = value }
