@@ -218,14 +218,25 @@ public final class SharedStorage: Sendable {
     /// ``set(_:_:)-372bf`` and its siblings, which block no Swift concurrency thread.
     @discardableResult
     public func set(_ key: String, _ value: String) throws(TabSyncError) -> UInt64 {
-        try update { $0[key] = value }
+        try write(key, value)
     }
 
     /// Removes `key`. Returns the sequence number of the change, or the current one when
     /// there was no such key.
     @discardableResult
     public func remove(_ key: String) throws(TabSyncError) -> UInt64 {
-        try update { $0[key] = nil }
+        try write(key, nil)
+    }
+
+    /// One key, with the backend's write, which reads no value first.
+    private func write(_ key: String, _ value: String?) throws(TabSyncError) -> UInt64 {
+        try checkOpen()
+        do {
+            return try backend.write(key, value, as: author)
+        } catch {
+            reportIfMisplaced(error)
+            throw error
+        }
     }
 
     /// Removes every key, as one change with a nil key. Returns its sequence number, or the
@@ -312,13 +323,23 @@ public final class SharedStorage: Sendable {
     /// `CancellationError`.
     @discardableResult
     public func set(_ key: String, _ value: String) async throws -> UInt64 {
-        try await update { $0[key] = value }
+        try await write(key, value)
     }
 
     /// ``remove(_:)-5cxat`` for async code; see ``set(_:_:)-372bf``.
     @discardableResult
     public func remove(_ key: String) async throws -> UInt64 {
-        try await update { $0[key] = nil }
+        try await write(key, nil)
+    }
+
+    private func write(_ key: String, _ value: String?) async throws -> UInt64 {
+        try checkOpen()
+        do {
+            return try await backend.write(key, value, as: author)
+        } catch {
+            reportIfMisplaced(error)
+            throw error
+        }
     }
 
     /// ``clear()-9ar17`` for async code; see ``set(_:_:)-372bf``.

@@ -40,6 +40,7 @@ public enum BackendConformance: String, CaseIterable, Sendable, CustomTestString
     case observationStartsWithTheValuesAndGoesOnWithoutAGap
     case readModifyWriteTransactionsOfTwoInstancesLoseNoUpdate
     case ownChangesReachTheirOwnSubscribersOnceInOrderWithTheirValues
+    case aWriteRecordsTheValueItReplacedHoweverFarBehindItsWriterIs
 
     public var testDescription: String { rawValue }
 
@@ -61,6 +62,8 @@ public enum BackendConformance: String, CaseIterable, Sendable, CustomTestString
             try await readModifyWriteTransactionsOfTwoInstancesLoseNoUpdate(backend)
         case .ownChangesReachTheirOwnSubscribersOnceInOrderWithTheirValues:
             try await ownChangesReachTheirOwnSubscribersOnceInOrderWithTheirValues(backend)
+        case .aWriteRecordsTheValueItReplacedHoweverFarBehindItsWriterIs:
+            try await aWriteRecordsTheValueItReplacedHoweverFarBehindItsWriterIs(backend)
         }
     }
 
@@ -89,6 +92,34 @@ public enum BackendConformance: String, CaseIterable, Sendable, CustomTestString
         }
         #expect(view == (try a.snapshot().values))
         withExtendedLifetime((a, b)) {}
+    }
+
+    /// A set or remove records the value it replaced as the store held it, not as its writer last
+    /// saw it: two instances write one key in turn, each at once after the other (its view may
+    /// not have caught up yet, and a backend may apply a write where the values are), and every
+    /// event's old value is the previous write's value; a write of the value already there
+    /// raises none. The same for the synchronous forms.
+    private func aWriteRecordsTheValueItReplacedHoweverFarBehindItsWriterIs(_ backend: some BackendUnderTest) async throws {
+        let store = try backend.makeStore(lockTimeout: .seconds(10), history: 512)
+        let a = try store.open("a"), b = try store.open("b"), c = try store.open("c")
+        var seen = c.events().makeAsyncIterator()
+        for index in 1...20 { try await (index.isMultiple(of: 2) ? a : b).set("k", "\(index)") }
+        try await a.set("k", "20")
+        let synchronous = { () throws(TabSyncError) in
+            for index in 21...40 { try (index.isMultiple(of: 2) ? a : b).set("k", "\(index)") }
+            try b.set("k", "40")
+            try a.remove("k")
+        }
+        try synchronous()
+        try await b.set("k", "41")
+        for expected in 1...UInt64(42) {
+            let event = try #require(await StreamWait.next(&seen))
+            let value: (UInt64) -> String? = { $0 == 0 || $0 == 41 ? nil : $0 == 42 ? "41" : "\($0)" }
+            #expect(event.sequence == expected && event.key == "k", "a gap, a duplicate or an event for an unchanged value: \(event)")
+            #expect(event.oldValue == value(expected - 1) && event.newValue == value(expected), "\(event)")
+        }
+        #expect(try c.get("k") == "41")
+        withExtendedLifetime((a, b, c)) {}
     }
 
     /// A transaction computes from the latest values, whichever instance committed last: two

@@ -49,6 +49,17 @@ public protocol StorageBackend: Sendable {
         as author: ChangeAuthor, _ body: @escaping @Sendable (inout StoreTransaction) throws(TabSyncError) -> Result
     ) async throws -> Result
 
+    /// Sets `key` to `value` (nil removes it) whatever the store holds: the commit of a body that
+    /// does only that, one change or none when the key has that value already. Returns the
+    /// sequence number of the change, or the current one. It reads no value first, so a backend
+    /// may apply it where the values are (PostgreSQL applies it in the server, at whatever
+    /// head it finds: writers of one store that contend then never commit again).
+    func write(_ key: String, _ value: String?, as author: ChangeAuthor) throws(TabSyncError) -> UInt64
+
+    /// The same write for async callers: a wait for the lock suspends the task and ends with
+    /// `CancellationError` when it is cancelled (nothing is written then).
+    func write(_ key: String, _ value: String?, as author: ChangeAuthor) async throws -> UInt64
+
     /// Calls `handler` whenever the committed state may have changed, until the returned
     /// registration is cancelled. Notifications may be coalesced or spurious; the reader
     /// compares positions. The handler must return quickly.
@@ -70,6 +81,20 @@ extension StorageBackend {
     ) async throws -> Result {
         try Task.checkCancellation()
         return try await BlockingPool.runOnOwnThread { () throws(TabSyncError) -> Result in try commit(as: author, body) }
+    }
+
+    public func write(_ key: String, _ value: String?, as author: ChangeAuthor) throws(TabSyncError) -> UInt64 {
+        try commit(as: author) { (transaction: inout StoreTransaction) throws(TabSyncError) in
+            transaction.set(key, value)
+            return transaction.sequence
+        }
+    }
+
+    public func write(_ key: String, _ value: String?, as author: ChangeAuthor) async throws -> UInt64 {
+        try await commit(as: author) { (transaction: inout StoreTransaction) throws(TabSyncError) in
+            transaction.set(key, value)
+            return transaction.sequence
+        }
     }
 
     /// ``snapshot()`` for async callers, off the Swift concurrency threads.

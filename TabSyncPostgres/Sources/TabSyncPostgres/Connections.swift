@@ -67,6 +67,7 @@ final class Connector: Sendable {
         connection.closeFuture.whenComplete { [weak self] _ in
             watch.closed()
             self?.closeWatches.withLock { _ = $0.removeValue(forKey: key) }
+            self?.prepared.withLock { _ = $0.removeValue(forKey: key) }
         }
         return connection
     }
@@ -78,34 +79,71 @@ final class Connector: Sendable {
     /// timeout), after which the connection is closed and the error names the server.
     @discardableResult
     func run(_ query: PostgresQuery, on connection: PostgresConnection, timeout: Duration? = nil, doing: String) throws(TabSyncError) -> [PostgresRow] {
+        let logger = self.logger
+        return try perform(on: connection, timeout: timeout, doing: doing) { connection.query(query, logger: logger).map(\.rows) }
+    }
+
+    /// Runs `sql` as a statement prepared on `connection` (the first use there prepares it, in
+    /// the same wait): the server parses and plans it once per connection, not at every run,
+    /// which for the reader's query is most of its cost. As ``run(_:on:timeout:doing:)``
+    /// otherwise.
+    func run(
+        prepared sql: String, _ binds: [PostgresData], on connection: PostgresConnection, timeout: Duration? = nil, doing: String
+    ) throws(TabSyncError) -> [PostgresRow] {
+        let key = ObjectIdentifier(connection)
+        return try perform(on: connection, timeout: timeout, doing: doing) { [self] in
+            let statement: EventLoopFuture<PreparedQuery>
+            if let known = prepared.withLock({ $0[key]?[sql] }) {
+                statement = connection.eventLoop.makeSucceededFuture(known)
+            } else {
+                statement = connection.prepare(query: sql).map { [self] query in
+                    if !connection.isClosed { prepared.withLock { $0[key, default: [:]][sql] = query } }
+                    return query
+                }
+            }
+            return statement.flatMap { $0.execute(binds) }.flatMapErrorThrowing { [self] error in
+                // Whatever failed, the next run prepares it again (the pool closes the connection).
+                prepared.withLock { _ = $0[key]?.removeValue(forKey: sql) }
+                throw error
+            }
+        }
+    }
+
+    /// The statements prepared on each open connection, by their SQL.
+    private let prepared = Mutex<[ObjectIdentifier: [String: PreparedQuery]]>([:])
+
+    /// Waits for what `start` begins on the connection's event loop, at most `timeout`.
+    private func perform(
+        on connection: PostgresConnection, timeout: Duration?, doing: String,
+        _ start: @escaping @Sendable () -> EventLoopFuture<[PostgresRow]>
+    ) throws(TabSyncError) -> [PostgresRow] {
         let limit = timeout ?? configuration.operationTimeout
         // The wait ends with the answer, at the bound, or when the connection closes (a cancelled
         // wait closes it), whichever comes first: a query on a connection that is closing may
-        // never be answered, so the wait does not rest on the query alone.
-        let outcome = connection.eventLoop.makePromise(of: [PostgresRow].self)
-        let done = Atomic<Bool>(false)
-        let timedOut = Atomic<Bool>(false)
-        connection.query(query, logger: logger).whenComplete { result in
-            if !done.exchange(true, ordering: .acquiringAndReleasing) { outcome.completeWith(result.map(\.rows)) }
-        }
-        let closed: @Sendable () -> Void = {
-            if !done.exchange(true, ordering: .acquiringAndReleasing) { outcome.fail(ConnectionClosed()) }
-        }
+        // never be answered, so the wait does not rest on the query alone. The statement and its
+        // timer are set up in one hop to the event loop, and the answer wakes this thread once:
+        // a future's `wait()`, `whenComplete` and a timer scheduled or cancelled from here
+        // would each hop to the loop on their own.
+        let answer = Answer()
         // A connection that is closed already has no watch left: it fails at once.
         let watch = closeWatches.withLock { $0[ObjectIdentifier(connection)] } ?? CloseWatch.closedAlready
-        watch.arm(closed)
+        watch.arm { answer.finish(.failure(ConnectionClosed())) }
         defer { watch.disarm() }
-        let timer = connection.eventLoop.scheduleTask(in: .nanoseconds(Int64(limit.nanoseconds))) {
-            guard !done.exchange(true, ordering: .acquiringAndReleasing) else { return }
-            timedOut.store(true, ordering: .relaxed)
-            outcome.fail(ConnectionClosed())
-            connection.closeNow()
+        let loop = connection.eventLoop
+        loop.execute {
+            let timer = loop.scheduleTask(in: .nanoseconds(Int64(limit.nanoseconds))) {
+                if answer.finish(.failure(ConnectionClosed()), timedOut: true) { connection.closeNow() }
+            }
+            start().whenComplete { result in
+                timer.cancel()
+                answer.finish(result)
+            }
         }
-        defer { timer.cancel() }
-        do {
-            return try outcome.futureResult.wait()
-        } catch {
-            if timedOut.load(ordering: .relaxed) {
+        switch answer.wait() {
+        case let .success(rows):
+            return rows
+        case let .failure(error):
+            if answer.timedOut {
                 throw TabSyncError(
                     code: .unavailable, path: configuration.description,
                     message: "No answer from the server within \(limit) while \(doing); the connection was closed")
@@ -121,11 +159,21 @@ final class Connector: Sendable {
         if error is ConnectionClosed {
             return TabSyncError(code: .unavailable, path: location, message: "The connection to the server was closed while \(doing)")
         }
-        guard let error = error as? PSQLError else {
+        // A prepared statement's error comes in the older type (``Connector/run(prepared:_:on:timeout:doing:)``).
+        let server: (state: String, message: String)?, failure: String
+        switch error {
+        case let error as PSQLError:
+            server = error.serverInfo?[.sqlState].map { ($0, error.serverInfo?[.message] ?? "") }
+            failure = "\(error.code)"
+        case let PostgresError.server(response):
+            server = response.fields[.sqlState].map { ($0, response.fields[.message] ?? "") }
+            failure = "an error without SQLSTATE"
+        case PostgresError.connectionClosed:
+            return TabSyncError(code: .unavailable, path: location, message: "The connection to the server was closed while \(doing)")
+        default:
             return TabSyncError(code: .unavailable, path: location, message: "The server could not be reached while \(doing): \(type(of: error))")
         }
-        if let state = error.serverInfo?[.sqlState] {
-            let message = error.serverInfo?[.message] ?? ""
+        if let (state, message) = server {
             let code: TabSyncError.Code = switch state {
             case "55P03": .lockTimeout
             case "57P01", "57P02", "57P03", "08000", "08003", "08006": .unavailable
@@ -137,8 +185,34 @@ final class Connector: Sendable {
         }
         return TabSyncError(
             code: .unavailable, path: location,
-            message: "The connection to the server failed while \(doing) (\(error.code))")
+            message: "The connection to the server failed while \(doing) (\(failure))")
     }
+}
+
+/// The outcome of one statement, handed from the event loop to the thread that waits for it:
+/// the first of the answer, the timeout and the connection's close wins.
+final class Answer: Sendable {
+    private let state = Mutex<(result: Result<[PostgresRow], any Error>?, timedOut: Bool)>((nil, false))
+    private let ready = DispatchSemaphore(value: 0)
+
+    /// True when this was the first outcome (and so the one the waiter gets).
+    @discardableResult
+    func finish(_ result: Result<[PostgresRow], any Error>, timedOut: Bool = false) -> Bool {
+        let first = state.withLock { state -> Bool in
+            guard state.result == nil else { return false }
+            state = (result, timedOut)
+            return true
+        }
+        if first { ready.signal() }
+        return first
+    }
+
+    func wait() -> Result<[PostgresRow], any Error> {
+        ready.wait()
+        return state.withLock { $0.result! }
+    }
+
+    var timedOut: Bool { state.withLock { $0.timedOut } }
 }
 
 /// A wait ended because its connection closed.

@@ -25,9 +25,13 @@ final class Listener: Sendable {
     private let connector: Connector
     private let store: String
     private let state = Mutex(State())
-    /// The notification being handled (its sequence number and writing instance), while the
-    /// handlers run for it; nil for a signal that no notification gave (a reconnection).
-    let current = Mutex<(sequence: Int64, instance: String)?>(nil)
+    /// A notification's sequence number and writing instance.
+    typealias Notified = (sequence: Int64, instance: String)
+
+    /// The notification each thread is handling while the handlers run for it: the listener's
+    /// event loop, or a committing thread that hands on a notification it was given early
+    /// (``handOn(_:)``).
+    private let handling = Mutex<[(thread: pthread_t, notified: Notified)]>([])
     private let queue = DispatchQueue(label: "TabSyncPostgres.listener")
 
     init(connector: Connector, store: String) {
@@ -78,9 +82,11 @@ final class Listener: Sendable {
                 // "SEQUENCE INSTANCE STORE": the store is the rest of the payload.
                 let fields = notification.payload.split(separator: " ", maxSplits: 2, omittingEmptySubsequences: false)
                 guard fields.count == 3, fields[2] == store[...] else { return }
-                self?.current.withLock { $0 = Int64(fields[0]).map { ($0, String(fields[1])) } }
-                self?.signal(.mayHaveChanged)
-                self?.current.withLock { $0 = nil }
+                guard let sequence = Int64(fields[0]) else {
+                    self?.signal(.mayHaveChanged)
+                    return
+                }
+                self?.handOn((sequence, String(fields[1])))
             }
             try connector.run("LISTEN \(unescaped: Schema.channel)", on: connection, doing: "listening for changes")
             let (current, wasDown) = state.withLock { state -> (Bool, Bool) in
@@ -133,6 +139,25 @@ final class Listener: Sendable {
         guard let delay else { return }
         signal(.detectionChanged(.reconnecting(reason: error.message)))
         queue.asyncAfter(deadline: .now() + .milliseconds(Int(delay.milliseconds))) { [weak self] in self?.connect() }
+    }
+
+    /// The notification this thread is handling; nil in a signal that no notification gave (a
+    /// reconnection), or on another thread.
+    var notificationInHand: Notified? {
+        let me = pthread_self()
+        return handling.withLock { $0.last { pthread_equal($0.thread, me) != 0 }?.notified }
+    }
+
+    /// Signals the watchers for `notified`, which they can read with ``notificationInHand``.
+    func handOn(_ notified: Notified) {
+        let me = pthread_self()
+        handling.withLock { $0.append((me, notified)) }
+        defer {
+            handling.withLock { entries in
+                if let index = entries.lastIndex(where: { pthread_equal($0.thread, me) != 0 }) { entries.remove(at: index) }
+            }
+        }
+        signal(.mayHaveChanged)
     }
 
     private func signal(_ signal: BackendSignal) {

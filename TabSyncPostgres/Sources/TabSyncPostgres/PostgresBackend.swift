@@ -115,12 +115,14 @@ public final class PostgresBackend: StorageBackend {
 
     private static func prepareSchema(on connection: PostgresConnection, _ connector: Connector) throws(TabSyncError) {
         let exists = try connector.run(
-            "SELECT to_regclass('tabsync_schema')::text, to_regproc(\(Schema.commitFunction))::text", on: connection, doing: "looking for the tables")
-        let found = (try? exists.first?.decode((String?, String?).self)) ?? nil
-        if found?.0 != nil, found?.1 != nil, try version(on: connection, connector) == Schema.version { return }
+            """
+            SELECT to_regclass('tabsync_schema')::text, to_regproc(\(Schema.commitFunction))::text, to_regproc(\(Schema.writeFunction))::text
+            """, on: connection, doing: "looking for the tables")
+        let found = (try? exists.first?.decode((String?, String?, String?).self)) ?? nil
+        if found?.0 != nil, found?.1 != nil, found?.2 != nil, try version(on: connection, connector) == Schema.version { return }
         try transaction(on: connection, connector) { () throws(TabSyncError) in
             try connector.run("SELECT pg_advisory_xact_lock(\(Schema.lockKey(store: "", name: "schema")))", on: connection, doing: "locking the tables' creation")
-            for statement in Schema.create + [Schema.createLocks, Schema.createCommitFunction] {
+            for statement in Schema.create + [Schema.createLocks, Schema.createCommitFunction, Schema.createWriteFunction] {
                 try connector.run(PostgresQuery(unsafeSQL: statement), on: connection, doing: "creating the tables")
             }
             if try version(on: connection, connector) == nil {
@@ -191,8 +193,11 @@ public final class PostgresBackend: StorageBackend {
         // the reader's position directly, so no query is needed to hand them over. Only in the
         // listener's quick look, once per notification: a notification of another process's
         // commit that came meanwhile gets a look of its own, which queries.
-        if !waiting, let own = ownRecords(after: position, notified: listener.current.withLock { $0 }) {
-            return .records(own, store: position.store)
+        if !waiting, let notified = listener.notificationInHand {
+            if let own = ownRecords(after: position, notified: notified) { return .records(own, store: position.store) }
+            // Its notification can come before its commit has returned here: the committing
+            // thread hands it on once it knows the records (``endOwnCommit(by:)``).
+            if deferOwn(notified) { return .records([], store: position.store) }
         }
         // Every other answer needs the network: the quick look leaves it to the storage's queue.
         guard waiting else { return nil }
@@ -201,23 +206,23 @@ public final class PostgresBackend: StorageBackend {
             let anyStore = position.store.isEmpty
             let from = anyStore ? Int64(0) : Int64(clamping: position.sequence)
             let rows = try connector.run(
-                """
-                SELECT s.store_id, s.sequence, c.sequence, c.key, c.old_value, c.new_value, c.origin, c.instance, c.time_ms
-                FROM tabsync_stores s
-                LEFT JOIN tabsync_changes c ON c.store = s.name AND c.sequence > \(from) AND (\(anyStore) OR s.store_id = \(position.store))
-                WHERE s.name = \(store) ORDER BY c.sequence
-                """, on: connection, doing: "reading the changes")
-            typealias Row = (String, Int64, Int64?, String?, String?, String?, String?, String?, Int64?)
+                prepared: Schema.changesQuery,
+                [PostgresData(int64: from), PostgresData(bool: anyStore), PostgresData(string: position.store), PostgresData(string: store)],
+                on: connection, doing: "reading the changes")
+            typealias Row = (String, String, String?, String?, String?, String?, String?, String?, String?)
             guard let first = rows.first else { return .missing }
-            let (storeID, head, _, _, _, _, _, _, _) = try decode(first, as: Row.self)
+            let (storeID, headText, _, _, _, _, _, _, _) = try decode(first, as: Row.self)
+            guard let head = Int64(headText) else { throw unexpectedShape }
             if position.store == storeID || anyStore {
                 if head <= from { return .records([], store: storeID) }
                 var records: [ChangeRecord] = []
                 for row in rows {
-                    let (_, _, sequence, key, old, new, origin, instance, time) = try decode(row, as: Row.self)
-                    guard let sequence, let origin, let instance else { continue }
+                    let (_, _, sequenceText, key, old, new, origin, instance, time) = try decode(row, as: Row.self)
+                    guard let sequenceText, let origin, let instance else { continue }
+                    guard let sequence = UInt64(sequenceText) else { throw unexpectedShape }
                     records.append(ChangeRecord(
-                        sequence: UInt64(sequence), key: key, oldValue: old, newValue: new, origin: origin, instance: instance, time: time ?? 0))
+                        sequence: sequence, key: key, oldValue: old, newValue: new, origin: origin, instance: instance,
+                        time: time.flatMap { Int64($0) } ?? 0))
                 }
                 if records.first?.sequence == UInt64(from + 1), records.count == Int(head - from) {
                     advanceCache(storeID: storeID, from: from, by: records)
@@ -244,7 +249,9 @@ public final class PostgresBackend: StorageBackend {
     public func commit<Result>(
         as author: ChangeAuthor, _ body: (inout StoreTransaction) throws(TabSyncError) -> Result
     ) throws(TabSyncError) -> Result {
-        try pool.with { connection throws(TabSyncError) in
+        beginOwnCommit(by: author.instance)
+        defer { endOwnCommit(by: author.instance) }
+        return try pool.with { connection throws(TabSyncError) in
             if let result = try commitQuickly(on: connection, as: author, body) { return result }
             return try commit(on: connection, as: author, body)
         }
@@ -256,12 +263,80 @@ public final class PostgresBackend: StorageBackend {
         // A cancelled wait for the lock closes the connection: the server ends the transaction,
         // and nothing of it is committed. Once the lock is held the commit goes through.
         try await Blocking.run { interruption in
-            try self.pool.with { connection throws(TabSyncError) in
+            self.beginOwnCommit(by: author.instance)
+            defer { self.endOwnCommit(by: author.instance) }
+            return try self.pool.with { connection throws(TabSyncError) in
                 // Not interruptible: it waits for the lock at most `quickLockWait`.
                 if let result = try self.commitQuickly(on: connection, as: author, body) { return result }
                 return try self.commit(on: connection, as: author, body, interruption: interruption)
             }
         }
+    }
+
+    public func write(_ key: String, _ value: String?, as author: ChangeAuthor) throws(TabSyncError) -> UInt64 {
+        beginOwnCommit(by: author.instance)
+        defer { endOwnCommit(by: author.instance) }
+        let written = try pool.with { connection throws(TabSyncError) in try writeInOneRoundTrip(key, value, as: author, on: connection) }
+        if let written { return written }
+        return try commit(as: author) { (transaction: inout StoreTransaction) throws(TabSyncError) in
+            transaction.set(key, value)
+            return transaction.sequence
+        }
+    }
+
+    public func write(_ key: String, _ value: String?, as author: ChangeAuthor) async throws -> UInt64 {
+        // Not interruptible, as the one-round-trip commit: it waits for the lock at most
+        // `quickLockWait`. The commit it falls back on is.
+        let written = try await Blocking.run { _ in
+            self.beginOwnCommit(by: author.instance)
+            defer { self.endOwnCommit(by: author.instance) }
+            return try self.pool.with { connection throws(TabSyncError) in
+                try self.writeInOneRoundTrip(key, value, as: author, on: connection)
+            }
+        }
+        if let written { return written }
+        return try await commit(as: author) { (transaction: inout StoreTransaction) throws(TabSyncError) in
+            transaction.set(key, value)
+            return transaction.sequence
+        }
+    }
+
+    /// The write in one round trip (``Schema/writeFunction``), at whatever head the server finds:
+    /// nil (nothing written) when the commit lock is busy beyond ``quickLockWait``, which leaves
+    /// the write to a commit that waits the whole ``lockTimeout``.
+    private func writeInOneRoundTrip(
+        _ key: String, _ value: String?, as author: ChangeAuthor, on connection: PostgresConnection
+    ) throws(TabSyncError) -> UInt64? {
+        if key.contains("\0") || value?.contains("\0") == true {
+            throw TabSyncError(code: .invalidArgument, path: location, message: "PostgreSQL text cannot hold a NUL character (in the key or value of a write)")
+        }
+        let rows: [PostgresRow]
+        do {
+            rows = try connector.run(
+                prepared: Schema.writeStatement,
+                [
+                    PostgresData(string: store), PostgresData(int64: Schema.lockKey(store: store)),
+                    PostgresData(string: "\(Self.quickLockWait.milliseconds)ms"), PostgresData(string: key),
+                    value.map { PostgresData(string: $0) } ?? PostgresData(type: .text), PostgresData(string: author.origin),
+                    PostgresData(string: author.instance), PostgresData(int64: Int64(historyLimit)),
+                ],
+                on: connection, timeout: Self.quickLockWait + configuration.operationTimeout, doing: "writing \(key)")
+        } catch where error.code == .lockTimeout {
+            return nil
+        }
+        guard let row = rows.first else {
+            throw TabSyncError(code: .corruptState, path: location, message: "The server did not answer the write of \(key)")
+        }
+        let (storeID, sequenceText, old, timeText) = try decode(row, as: (String, String, String?, String?).self)
+        guard let sequence = Int64(sequenceText) else { throw unexpectedShape }
+        guard let timeText else { return UInt64(sequence) }
+        guard let time = Int64(timeText) else { throw unexpectedShape }
+        let record = ChangeRecord(
+            sequence: UInt64(sequence), key: key, oldValue: old, newValue: value, origin: author.origin, instance: author.instance, time: time)
+        // Where nobody else committed since the cached head, the cache moves on with it.
+        advanceCache(storeID: storeID, from: sequence - 1, by: [record])
+        rememberOwn([record], storeID: storeID, from: sequence - 1)
+        return UInt64(sequence)
     }
 
     /// How ``commitInOneRoundTrip(on:as:_:)`` ended.
@@ -390,12 +465,19 @@ public final class PostgresBackend: StorageBackend {
     private static let ownTailLimit = 256
 
     private func rememberOwn(_ transaction: StoreTransaction, storeID: String, from: Int64) {
+        // A scrubbing commit's records hold values that must not outlive it: none are kept.
+        guard transaction.scrubbedKeys.isEmpty else {
+            ownTail.withLock { $0 = nil }
+            return
+        }
+        rememberOwn(transaction.records, storeID: storeID, from: from)
+    }
+
+    private func rememberOwn(_ records: [ChangeRecord], storeID: String, from: Int64) {
         ownTail.withLock { tail in
-            // A scrubbing commit's records hold values that must not outlive it: none are kept.
-            guard transaction.scrubbedKeys.isEmpty else { tail = nil; return }
-            guard !transaction.records.isEmpty else { return }
+            guard !records.isEmpty else { return }
             if var current = tail, current.storeID == storeID, current.from + Int64(current.records.count) == from {
-                current.records += transaction.records
+                current.records += records
                 if current.records.count > Self.ownTailLimit {
                     let dropped = current.records.count - Self.ownTailLimit
                     current.records.removeFirst(dropped)
@@ -403,8 +485,39 @@ public final class PostgresBackend: StorageBackend {
                 }
                 tail = current
             } else {
-                tail = (storeID, from, transaction.records)
+                tail = (storeID, from, records)
             }
+        }
+    }
+
+    /// The commits under way, by writing instance, and the latest notification of each such
+    /// instance that came before its commit returned: the server notifies as the transaction
+    /// commits, and the listener's thread can be quicker than the committing one.
+    private let ownCommits = Mutex<(running: [String: Int], early: [String: Int64])>(([:], [:]))
+
+    private func beginOwnCommit(by instance: String) {
+        ownCommits.withLock { $0.running[instance, default: 0] += 1 }
+    }
+
+    /// Hands on the notification that came early, once the instance's last commit under way has
+    /// returned: its records are known then (or, if it failed, the look queries).
+    private func endOwnCommit(by instance: String) {
+        let early = ownCommits.withLock { commits -> Listener.Notified? in
+            let running = commits.running[instance, default: 1] - 1
+            commits.running[instance] = running > 0 ? running : nil
+            guard running == 0, let early = commits.early.removeValue(forKey: instance) else { return nil }
+            return (early, instance)
+        }
+        if let early { listener.handOn(early) }
+    }
+
+    /// True when `notified` is of a commit of this process still under way: it is kept for
+    /// ``endOwnCommit(by:)``, the latest of several.
+    private func deferOwn(_ notified: Listener.Notified) -> Bool {
+        ownCommits.withLock { commits in
+            guard commits.running[notified.instance] != nil else { return false }
+            commits.early[notified.instance] = max(commits.early[notified.instance] ?? notified.sequence, notified.sequence)
+            return true
         }
     }
 
@@ -412,9 +525,9 @@ public final class PostgresBackend: StorageBackend {
     /// notification is of one of them and they follow `position` directly. Any other (another
     /// process's commit, a reconnection, after which anything may have been missed) is answered
     /// by a query.
-    private func ownRecords(after position: StorePosition, notified: (sequence: Int64, instance: String)?) -> [ChangeRecord]? {
+    private func ownRecords(after position: StorePosition, notified: Listener.Notified) -> [ChangeRecord]? {
         ownTail.withLock { tail -> [ChangeRecord]? in
-            guard let tail, tail.storeID == position.store, let notified, let last = tail.records.last,
+            guard let tail, tail.storeID == position.store, let last = tail.records.last,
                   notified.instance == last.instance else { return nil }
             let start = Int64(clamping: position.sequence) - tail.from
             let end = notified.sequence - tail.from
@@ -504,6 +617,10 @@ public final class PostgresBackend: StorageBackend {
         cache.withLock { current in
             if current == nil || current!.storeID != cached.storeID || current!.sequence <= cached.sequence { current = cached }
         }
+    }
+
+    private var unexpectedShape: TabSyncError {
+        TabSyncError(code: .corruptState, path: location, message: "A row of the TabSync tables has an unexpected shape")
     }
 
     private func decode<each Column: PostgresDecodable>(

@@ -94,6 +94,77 @@ enum Schema {
         $tabsync$
         """
 
+    /// The one-round-trip write of one key (docs/POSTGRES.md, "Write"): under the store's commit
+    /// lock, waited for at most `p_lock_wait`, it sets `p_key` to `p_value` (NULL removes it) at
+    /// whatever head it finds, creating the store when there is none: a change, or none when the
+    /// key has that value already. Returns the store, the sequence number of the change (or the
+    /// current one), the value it replaced and the change's time (NULL when nothing changed).
+    static let writeFunction = "tabsync_write_v1"
+
+    static let createWriteFunction = """
+        CREATE OR REPLACE FUNCTION tabsync_write_v1(
+            p_store text, p_lock bigint, p_lock_wait text, p_key text, p_value text,
+            p_origin text, p_instance text, p_keep bigint,
+            OUT o_store_id text, OUT o_sequence bigint, OUT o_old_value text, OUT o_time_ms bigint)
+        LANGUAGE plpgsql AS $tabsync$
+        DECLARE
+            v_head bigint;
+        BEGIN
+            PERFORM set_config('lock_timeout', p_lock_wait, true), pg_advisory_xact_lock(p_lock);
+            SELECT s.store_id, s.sequence, v.value INTO o_store_id, v_head, o_old_value
+                FROM tabsync_stores s LEFT JOIN tabsync_values v ON v.store = s.name AND v.key = p_key
+                WHERE s.name = p_store;
+            IF NOT FOUND THEN
+                o_store_id := gen_random_uuid()::text;
+                v_head := 0;
+                INSERT INTO tabsync_stores (name, store_id, sequence) VALUES (p_store, o_store_id, 0);
+            END IF;
+            o_sequence := v_head;
+            IF o_old_value IS NOT DISTINCT FROM p_value THEN
+                RETURN;
+            END IF;
+            o_sequence := v_head + 1;
+            o_time_ms := (extract(epoch FROM clock_timestamp()) * 1000)::bigint;
+            INSERT INTO tabsync_changes (store, sequence, key, old_value, new_value, origin, instance, time_ms)
+                VALUES (p_store, o_sequence, p_key, o_old_value, p_value, p_origin, p_instance, o_time_ms);
+            IF p_value IS NULL THEN
+                DELETE FROM tabsync_values v WHERE v.store = p_store AND v.key = p_key;
+            ELSE
+                INSERT INTO tabsync_values (store, key, value) VALUES (p_store, p_key, p_value)
+                    ON CONFLICT (store, key) DO UPDATE SET value = EXCLUDED.value;
+            END IF;
+            -- The change that falls out of the history; every 256th change also whatever a
+            -- writer with a longer history left. (Deleting the whole range each time walks the
+            -- index entries of the changes deleted before, until a vacuum: a third of a write.)
+            IF o_sequence % 256 = 0 THEN
+                DELETE FROM tabsync_changes c WHERE c.store = p_store AND c.sequence <= o_sequence - p_keep;
+            ELSE
+                DELETE FROM tabsync_changes c WHERE c.store = p_store AND c.sequence = o_sequence - p_keep;
+            END IF;
+            UPDATE tabsync_stores s SET sequence = o_sequence WHERE s.name = p_store;
+            PERFORM pg_notify('tabsync', o_sequence || ' ' || p_instance || ' ' || p_store);
+        END
+        $tabsync$
+        """
+
+    /// The call of ``writeFunction``, prepared once per connection: store, lock key, lock wait,
+    /// key, value, origin, instance, history limit.
+    /// Its numbers come as text: PostgresNIO labels the columns of a statement prepared this way
+    /// as text while the server sends them in binary, which text columns survive.
+    static let writeStatement = """
+        SELECT o_store_id, o_sequence::text, o_old_value, o_time_ms::text FROM tabsync_write_v1($1, $2, $3, $4, $5, $6, $7, $8)
+        """
+
+    /// A reader's query (docs/POSTGRES.md, "Reading and wake-ups"), prepared once per connection:
+    /// the store's head, and its changes after `$1` when the store is `$3` (or any, with `$2`),
+    /// of the store named `$4`. Its numbers come as text, as ``writeStatement``'s.
+    static let changesQuery = """
+        SELECT s.store_id, s.sequence::text, c.sequence::text, c.key, c.old_value, c.new_value, c.origin, c.instance, c.time_ms::text
+        FROM tabsync_stores s
+        LEFT JOIN tabsync_changes c ON c.store = s.name AND c.sequence > $1 AND ($2 OR s.store_id = $3)
+        WHERE s.name = $4 ORDER BY c.sequence
+        """
+
     /// The names of each store's named locks, so that a holder query can list them.
     static let createLocks = """
         CREATE TABLE IF NOT EXISTS tabsync_locks (
