@@ -90,22 +90,26 @@ final class Connector: Sendable {
     func run(
         prepared sql: String, _ binds: [PostgresData], on connection: PostgresConnection, timeout: Duration? = nil, doing: String
     ) throws(TabSyncError) -> [PostgresRow] {
+        try perform(on: connection, timeout: timeout, doing: doing) { [self] in start(prepared: sql, binds, on: connection) }
+    }
+
+    /// Starts `sql` as a statement prepared on `connection`, without waiting (the listener's
+    /// read-ahead runs it on its event loop); see ``run(prepared:_:on:timeout:doing:)``.
+    func start(prepared sql: String, _ binds: [PostgresData], on connection: PostgresConnection) -> EventLoopFuture<[PostgresRow]> {
         let key = ObjectIdentifier(connection)
-        return try perform(on: connection, timeout: timeout, doing: doing) { [self] in
-            let statement: EventLoopFuture<PreparedQuery>
-            if let known = prepared.withLock({ $0[key]?[sql] }) {
-                statement = connection.eventLoop.makeSucceededFuture(known)
-            } else {
-                statement = connection.prepare(query: sql).map { [self] query in
-                    if !connection.isClosed { prepared.withLock { $0[key, default: [:]][sql] = query } }
-                    return query
-                }
+        let statement: EventLoopFuture<PreparedQuery>
+        if let known = prepared.withLock({ $0[key]?[sql] }) {
+            statement = connection.eventLoop.makeSucceededFuture(known)
+        } else {
+            statement = connection.prepare(query: sql).map { [self] query in
+                if !connection.isClosed { prepared.withLock { $0[key, default: [:]][sql] = query } }
+                return query
             }
-            return statement.flatMap { $0.execute(binds) }.flatMapErrorThrowing { [self] error in
-                // Whatever failed, the next run prepares it again (the pool closes the connection).
-                prepared.withLock { _ = $0[key]?.removeValue(forKey: sql) }
-                throw error
-            }
+        }
+        return statement.flatMap { $0.execute(binds) }.flatMapErrorThrowing { [self] error in
+            // Whatever failed, the next run prepares it again (the pool closes the connection).
+            prepared.withLock { _ = $0[key]?.removeValue(forKey: sql) }
+            throw error
         }
     }
 

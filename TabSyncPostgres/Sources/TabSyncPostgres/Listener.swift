@@ -33,6 +33,9 @@ final class Listener: Sendable {
     /// (``handOn(_:)``).
     private let handling = Mutex<[(thread: pthread_t, notified: Notified)]>([])
     private let queue = DispatchQueue(label: "TabSyncPostgres.listener")
+    /// What a notification of the store starts, on the connection's event loop, in place of
+    /// ``handOn(_:)``: the backend's read-ahead, which hands it on once it has read the changes.
+    let readAhead = Mutex<(@Sendable (Notified, PostgresConnection) -> Void)?>(nil)
 
     init(connector: Connector, store: String) {
         self.connector = connector
@@ -78,7 +81,7 @@ final class Listener: Sendable {
         do {
             let connection = try connector.connect()
             let store = self.store
-            connection.addListener(channel: Schema.channel) { [weak self] _, notification in
+            connection.addListener(channel: Schema.channel) { [weak self, weak connection] _, notification in
                 // "SEQUENCE INSTANCE STORE": the store is the rest of the payload.
                 let fields = notification.payload.split(separator: " ", maxSplits: 2, omittingEmptySubsequences: false)
                 guard fields.count == 3, fields[2] == store[...] else { return }
@@ -86,7 +89,12 @@ final class Listener: Sendable {
                     self?.signal(.mayHaveChanged)
                     return
                 }
-                self?.handOn((sequence, String(fields[1])))
+                let notified = (sequence, String(fields[1]))
+                if let connection, let readAhead = self?.readAhead.withLock({ $0 }) {
+                    readAhead(notified, connection)
+                } else {
+                    self?.handOn(notified)
+                }
             }
             try connector.run("LISTEN \(unescaped: Schema.channel)", on: connection, doing: "listening for changes")
             let (current, wasDown) = state.withLock { state -> (Bool, Bool) in

@@ -76,6 +76,9 @@ public final class PostgresBackend: StorageBackend {
             return try Self.measureClock(on: connection, connector)
         }
         serverClock = Mutex(clock)
+        listener.readAhead.withLock { hook in
+            hook = { [weak self] notified, connection in self?.readAhead(notified, on: connection) }
+        }
     }
 
     /// Now by the database server's clock: the time every host of the session shares. Measured
@@ -189,12 +192,12 @@ public final class PostgresBackend: StorageBackend {
     }
 
     public func changes(after position: StorePosition, waiting: Bool) throws(TabSyncError) -> StoreChanges? {
-        // This instance's own commit, which woke its listener: its records are known, and follow
-        // the reader's position directly, so no query is needed to hand them over. Only in the
-        // listener's quick look, once per notification: a notification of another process's
-        // commit that came meanwhile gets a look of its own, which queries.
+        readAheadState.withLock { $0.lastPosition = position }
+        // The listener's quick look, once per notification: the records up to it are known when
+        // this instance committed them or the listener's read-ahead has just read them, and
+        // follow the reader's position directly. Otherwise the storage's queue queries.
         if !waiting, let notified = listener.notificationInHand {
-            if let own = ownRecords(after: position, notified: notified) { return .records(own, store: position.store) }
+            if let known = knownRecords(after: position, through: notified.sequence) { return .records(known, store: position.store) }
             // Its notification can come before its commit has returned here: the committing
             // thread hands it on once it knows the records (``endOwnCommit(by:)``).
             if deferOwn(notified) { return .records([], store: position.store) }
@@ -209,25 +212,10 @@ public final class PostgresBackend: StorageBackend {
                 prepared: Schema.changesQuery,
                 [PostgresData(int64: from), PostgresData(bool: anyStore), PostgresData(string: position.store), PostgresData(string: store)],
                 on: connection, doing: "reading the changes")
-            typealias Row = (String, String, String?, String?, String?, String?, String?, String?, String?)
-            guard let first = rows.first else { return .missing }
-            let (storeID, headText, _, _, _, _, _, _, _) = try decode(first, as: Row.self)
-            guard let head = Int64(headText) else { throw unexpectedShape }
-            if position.store == storeID || anyStore {
-                if head <= from { return .records([], store: storeID) }
-                var records: [ChangeRecord] = []
-                for row in rows {
-                    let (_, _, sequenceText, key, old, new, origin, instance, time) = try decode(row, as: Row.self)
-                    guard let sequenceText, let origin, let instance else { continue }
-                    guard let sequence = UInt64(sequenceText) else { throw unexpectedShape }
-                    records.append(ChangeRecord(
-                        sequence: sequence, key: key, oldValue: old, newValue: new, origin: origin, instance: instance,
-                        time: time.flatMap { Int64($0) } ?? 0))
-                }
-                if records.first?.sequence == UInt64(from + 1), records.count == Int(head - from) {
-                    advanceCache(storeID: storeID, from: from, by: records)
-                    return .records(records, store: storeID)
-                }
+            guard !rows.isEmpty else { return .missing }
+            if let (records, storeID) = try parseChanges(rows, after: from, of: anyStore ? nil : position.store) {
+                advanceCache(storeID: storeID, from: from, by: records)
+                return .records(records, store: storeID)
             }
             let snapshot = try snapshot(on: connection)
             let origins = try connector.run(
@@ -335,7 +323,7 @@ public final class PostgresBackend: StorageBackend {
             sequence: UInt64(sequence), key: key, oldValue: old, newValue: value, origin: author.origin, instance: author.instance, time: time)
         // Where nobody else committed since the cached head, the cache moves on with it.
         advanceCache(storeID: storeID, from: sequence - 1, by: [record])
-        rememberOwn([record], storeID: storeID, from: sequence - 1)
+        rememberKnown([record], storeID: storeID, from: sequence - 1)
         return UInt64(sequence)
     }
 
@@ -457,29 +445,31 @@ public final class PostgresBackend: StorageBackend {
         return result
     }
 
-    /// This instance's latest commits' records, consecutive, from the sequence number they
-    /// followed: its own readers are handed them without a query (``changes(after:waiting:)``).
-    private let ownTail = Mutex<(storeID: String, from: Int64, records: [ChangeRecord])?>(nil)
+    /// Records known to be committed, consecutive, from the sequence number they followed: this
+    /// instance's commits and what the listener's read-ahead read. A reader of this instance is
+    /// handed them without a query (``changes(after:waiting:)``); those handed over are dropped,
+    /// so that values (tokens) stay no longer than needed.
+    private let known = Mutex<(storeID: String, from: Int64, records: [ChangeRecord])?>(nil)
 
-    /// At most this many of its own records are kept for this instance's readers.
-    private static let ownTailLimit = 256
+    /// At most this many records are kept for this instance's readers.
+    private static let knownLimit = 256
 
     private func rememberOwn(_ transaction: StoreTransaction, storeID: String, from: Int64) {
         // A scrubbing commit's records hold values that must not outlive it: none are kept.
         guard transaction.scrubbedKeys.isEmpty else {
-            ownTail.withLock { $0 = nil }
+            known.withLock { $0 = nil }
             return
         }
-        rememberOwn(transaction.records, storeID: storeID, from: from)
+        rememberKnown(transaction.records, storeID: storeID, from: from)
     }
 
-    private func rememberOwn(_ records: [ChangeRecord], storeID: String, from: Int64) {
-        ownTail.withLock { tail in
+    private func rememberKnown(_ records: [ChangeRecord], storeID: String, from: Int64) {
+        known.withLock { tail in
             guard !records.isEmpty else { return }
             if var current = tail, current.storeID == storeID, current.from + Int64(current.records.count) == from {
                 current.records += records
-                if current.records.count > Self.ownTailLimit {
-                    let dropped = current.records.count - Self.ownTailLimit
+                if current.records.count > Self.knownLimit {
+                    let dropped = current.records.count - Self.knownLimit
                     current.records.removeFirst(dropped)
                     current.from += Int64(dropped)
                 }
@@ -521,18 +511,124 @@ public final class PostgresBackend: StorageBackend {
         }
     }
 
-    /// This instance's own records after `position` up to the notification in hand, when that
-    /// notification is of one of them and they follow `position` directly. Any other (another
-    /// process's commit, a reconnection, after which anything may have been missed) is answered
-    /// by a query.
-    private func ownRecords(after position: StorePosition, notified: Listener.Notified) -> [ChangeRecord]? {
-        ownTail.withLock { tail -> [ChangeRecord]? in
-            guard let tail, tail.storeID == position.store, let last = tail.records.last,
-                  notified.instance == last.instance else { return nil }
-            let start = Int64(clamping: position.sequence) - tail.from
-            let end = notified.sequence - tail.from
-            guard start >= 0, start < end, end <= Int64(tail.records.count) else { return nil }
-            return Array(tail.records[Int(start)..<Int(end)])
+    /// The known records after `position` through `sequence`, when they follow `position`
+    /// directly; they are dropped from what is known, as handed over.
+    private func knownRecords(after position: StorePosition, through sequence: Int64) -> [ChangeRecord]? {
+        known.withLock { tail -> [ChangeRecord]? in
+            guard var current = tail, current.storeID == position.store else { return nil }
+            let start = Int64(clamping: position.sequence) - current.from
+            let end = sequence - current.from
+            guard start >= 0, start < end, end <= Int64(current.records.count) else { return nil }
+            let records = Array(current.records[Int(start)..<Int(end)])
+            current.records.removeFirst(Int(end))
+            current.from += end
+            tail = current
+            return records
+        }
+    }
+
+    /// A reader's query's rows: the records after `from`, when they run consecutively to the
+    /// store's head and the store is `storeID` (any, when nil); nil otherwise (a resync).
+    private func parseChanges(
+        _ rows: [PostgresRow], after from: Int64, of storeID: String?
+    ) throws(TabSyncError) -> (records: [ChangeRecord], storeID: String)? {
+        typealias Row = (String, String, String?, String?, String?, String?, String?, String?, String?)
+        guard let first = rows.first else { return nil }
+        let (found, headText, _, _, _, _, _, _, _) = try decode(first, as: Row.self)
+        guard let head = Int64(headText) else { throw unexpectedShape }
+        guard storeID == nil || storeID == found else { return nil }
+        if head <= from { return ([], found) }
+        var records: [ChangeRecord] = []
+        for row in rows {
+            let (_, _, sequenceText, key, old, new, origin, instance, time) = try decode(row, as: Row.self)
+            guard let sequenceText, let origin, let instance else { continue }
+            guard let sequence = UInt64(sequenceText) else { throw unexpectedShape }
+            records.append(ChangeRecord(
+                sequence: sequence, key: key, oldValue: old, newValue: new, origin: origin, instance: instance,
+                time: time.flatMap { Int64($0) } ?? 0))
+        }
+        guard records.first?.sequence == UInt64(from + 1), records.count == Int(head - from) else { return nil }
+        return (records, found)
+    }
+
+    // MARK: Read-ahead
+
+    /// The listener's read-ahead: one query at a time on the listener's own connection, the
+    /// latest notification that came meanwhile, the reader's last position, and whether a query
+    /// outlived its bound (no read-ahead then until it ends).
+    private struct ReadAhead {
+        var inFlight = false
+        var pending: Listener.Notified?
+        var lastPosition: StorePosition?
+        var stuck = false
+    }
+
+    private let readAheadState = Mutex(ReadAhead())
+
+    /// A notification of another process's commit, on the listener's event loop: the changes are
+    /// read there, on the listener's connection, before the notification is handed on, so that
+    /// the reader's look finds them known and delivers them on that thread. Without it the
+    /// look hands the work to the storage's queue, which queries on a pooled connection and
+    /// wakes three more threads. Any failure just hands the notification on: the queue's
+    /// query then does as it did.
+    private func readAhead(_ notified: Listener.Notified, on connection: PostgresConnection) {
+        enum Next { case handOn, wait, query(storeID: String, after: Int64) }
+        let committing = ownCommits.withLock { $0.running[notified.instance] != nil }
+        let next = readAheadState.withLock { state -> Next in
+            if state.inFlight {
+                if state.pending.map({ $0.sequence < notified.sequence }) ?? true { state.pending = notified }
+                return .wait
+            }
+            // This instance's own commit under way: its thread hands it on (``endOwnCommit(by:)``).
+            if committing || state.stuck { return .handOn }
+            let end = known.withLock { $0.map { ($0.storeID, $0.from + Int64($0.records.count)) } }
+            let last = state.lastPosition.flatMap { $0.store.isEmpty ? nil : ($0.store, Int64(clamping: $0.sequence)) }
+            guard let (storeID, after) = end ?? last, after < notified.sequence else { return .handOn }
+            state.inFlight = true
+            return .query(storeID: storeID, after: after)
+        }
+        guard case let .query(storeID, after) = next else {
+            if case .handOn = next { listener.handOn(notified) }
+            return
+        }
+        let ended = Atomic<Bool>(false)
+        let finish: @Sendable (Result<[PostgresRow], any Error>?) -> Void = { [weak self] result in
+            guard let self else { return }
+            guard !ended.exchange(true, ordering: .acquiringAndReleasing) else {
+                // The answer of a query that outlived its bound.
+                readAheadState.withLock { $0.stuck = false }
+                return
+            }
+            if case let .success(rows)? = result {
+                if let (records, found) = try? parseChanges(rows, after: after, of: storeID) {
+                    rememberKnown(records, storeID: found, from: after)
+                    advanceCache(storeID: found, from: after, by: records)
+                } else {
+                    // Another store, or history trimmed past it: the next read-ahead starts from
+                    // the reader's position, once the queue's query has resynchronised it.
+                    known.withLock { if $0?.storeID == storeID { $0 = nil } }
+                }
+            }
+            let pending = readAheadState.withLock { state -> Listener.Notified? in
+                state.inFlight = false
+                if result == nil { state.stuck = true }
+                defer { state.pending = nil }
+                return state.pending
+            }
+            listener.handOn(notified)
+            if let pending { readAhead(pending, on: connection) }
+        }
+        let loop = connection.eventLoop
+        loop.execute { [connector, store] in
+            let timer = loop.scheduleTask(in: .nanoseconds(Int64(connector.configuration.operationTimeout.nanoseconds))) { finish(nil) }
+            connector.start(
+                prepared: Schema.changesQuery,
+                [PostgresData(int64: after), PostgresData(bool: false), PostgresData(string: storeID), PostgresData(string: store)],
+                on: connection
+            ).whenComplete { result in
+                timer.cancel()
+                finish(result)
+            }
         }
     }
 
