@@ -35,7 +35,14 @@ final class Listener: Sendable {
     private let queue = DispatchQueue(label: "TabSyncPostgres.listener")
     /// What a notification of the store starts, on the connection's event loop, in place of
     /// ``handOn(_:)``: the backend's read-ahead, which hands it on once it has read the changes.
-    let readAhead = Mutex<(@Sendable (Notified, PostgresConnection) -> Void)?>(nil)
+    /// In a class: a closure read out of a `Mutex` as `withLock { $0 }` is written back wrapped
+    /// in two more reabstraction thunks each time, and the chain grew by two per notification.
+    let readAhead = Mutex<ReadAhead?>(nil)
+
+    final class ReadAhead: Sendable {
+        let start: @Sendable (Notified, PostgresConnection) -> Void
+        init(_ start: @escaping @Sendable (Notified, PostgresConnection) -> Void) { self.start = start }
+    }
 
     init(connector: Connector, store: String) {
         self.connector = connector
@@ -91,7 +98,7 @@ final class Listener: Sendable {
                 }
                 let notified = (sequence, String(fields[1]))
                 if let connection, let readAhead = self?.readAhead.withLock({ $0 }) {
-                    readAhead(notified, connection)
+                    readAhead.start(notified, connection)
                 } else {
                     self?.handOn(notified)
                 }

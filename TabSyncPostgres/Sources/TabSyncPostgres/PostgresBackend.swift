@@ -76,9 +76,8 @@ public final class PostgresBackend: StorageBackend {
             return try Self.measureClock(on: connection, connector)
         }
         serverClock = Mutex(clock)
-        listener.readAhead.withLock { hook in
-            hook = { [weak self] notified, connection in self?.readAhead(notified, on: connection) }
-        }
+        let readAhead = Listener.ReadAhead { [weak self] notified, connection in self?.readAhead(notified, on: connection) }
+        listener.readAhead.withLock { $0 = readAhead }
     }
 
     /// Now by the database server's clock: the time every host of the session shares. Measured
