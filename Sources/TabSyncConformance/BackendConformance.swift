@@ -41,6 +41,7 @@ public enum BackendConformance: String, CaseIterable, Sendable, CustomTestString
     case readModifyWriteTransactionsOfTwoInstancesLoseNoUpdate
     case ownChangesReachTheirOwnSubscribersOnceInOrderWithTheirValues
     case aWriteRecordsTheValueItReplacedHoweverFarBehindItsWriterIs
+    case aHandlerNeverRunsInsideTheCallThatMadeTheChange
 
     public var testDescription: String { rawValue }
 
@@ -64,6 +65,8 @@ public enum BackendConformance: String, CaseIterable, Sendable, CustomTestString
             try await ownChangesReachTheirOwnSubscribersOnceInOrderWithTheirValues(backend)
         case .aWriteRecordsTheValueItReplacedHoweverFarBehindItsWriterIs:
             try await aWriteRecordsTheValueItReplacedHoweverFarBehindItsWriterIs(backend)
+        case .aHandlerNeverRunsInsideTheCallThatMadeTheChange:
+            try await aHandlerNeverRunsInsideTheCallThatMadeTheChange(backend)
         }
     }
 
@@ -120,6 +123,36 @@ public enum BackendConformance: String, CaseIterable, Sendable, CustomTestString
         }
         #expect(try c.get("k") == "41")
         withExtendedLifetime((a, b, c)) {}
+    }
+
+    /// An `onNotification` handler runs on the thread that watches for changes, never inside the
+    /// `set` that made the change: an application may hold a lock of its own around `set` that
+    /// its handler takes. Forty sets from one thread, with own changes delivered: none is handled
+    /// on that thread. (A backend may learn of its own commit before the commit returns, and
+    /// must not hand it on from the committing thread.)
+    private func aHandlerNeverRunsInsideTheCallThatMadeTheChange(_ backend: some BackendUnderTest) async throws {
+        let store = try backend.makeStore(lockTimeout: .seconds(10), history: 512)
+        let a = try store.open("a")
+        let writer = Mutex<pthread_t?>(nil)
+        let inside = Atomic<Int>(0)
+        let (seen, delivered) = AsyncStream.makeStream(of: UInt64.self)
+        let subscription = a.onNotification(includingOwnChanges: true) { notification in
+            guard case let .change(event) = notification else { return }
+            if let thread = writer.withLock({ $0 }), pthread_equal(thread, pthread_self()) != 0 { inside.add(1, ordering: .relaxed) }
+            delivered.yield(event.sequence)
+        }
+        try await StreamWait.offPool {
+            writer.withLock { $0 = pthread_self() }
+            for index in 1...40 { try a.set("k", "\(index)") }
+        }
+        var iterator = seen.makeAsyncIterator()
+        for expected in 1...UInt64(40) {
+            let sequence = try #require(await StreamWait.next(&iterator))
+            #expect(sequence == expected, "a gap or a duplicate after \(expected - 1)")
+        }
+        #expect(inside.load(ordering: .relaxed) == 0, "handled inside the writer's own set")
+        subscription.cancel()
+        delivered.finish()
     }
 
     /// A transaction computes from the latest values, whichever instance committed last: two

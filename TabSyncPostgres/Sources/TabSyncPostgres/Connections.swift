@@ -106,10 +106,17 @@ final class Connector: Sendable {
                 return query
             }
         }
-        return statement.flatMap { $0.execute(binds) }.flatMapErrorThrowing { [self] error in
-            // Whatever failed, the next run prepares it again (the pool closes the connection).
-            prepared.withLock { _ = $0[key]?.removeValue(forKey: sql) }
-            throw error
+        return statement.flatMap { query in
+            query.execute(binds).flatMapErrorThrowing { [self] error in
+                // A statement the server no longer has, or whose plan no longer fits, is prepared
+                // again next time (and freed). Any other failure keeps it: a lock timeout leaves
+                // the connection in use, and a lost connection drops its statements.
+                if case let PostgresError.server(response) = error, ["26000", "0A000"].contains(response.fields[.sqlState] ?? "") {
+                    prepared.withLock { _ = $0[key]?.removeValue(forKey: sql) }
+                    query.deallocate().whenComplete { _ in }
+                }
+                throw error
+            }
         }
     }
 

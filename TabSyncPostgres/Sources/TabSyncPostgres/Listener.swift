@@ -175,6 +175,16 @@ final class Listener: Sendable {
         signal(.mayHaveChanged)
     }
 
+    /// ``handOn(_:)`` on the listening connection's event loop (on the listener's queue while it
+    /// is not connected), from a thread that must not run the watchers' handlers itself.
+    func handOnLater(_ notified: Notified) {
+        if let connection = state.withLock({ $0.connection }) {
+            connection.eventLoop.execute { [self] in handOn(notified) }
+        } else {
+            queue.async { [self] in handOn(notified) }
+        }
+    }
+
     private func signal(_ signal: BackendSignal) {
         for handler in state.withLock({ Array($0.handlers.values) }) { handler(signal) }
     }

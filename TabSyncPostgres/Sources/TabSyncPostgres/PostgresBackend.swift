@@ -116,15 +116,25 @@ public final class PostgresBackend: StorageBackend {
     // MARK: Schema
 
     private static func prepareSchema(on connection: PostgresConnection, _ connector: Connector) throws(TabSyncError) {
-        let exists = try connector.run(
-            """
-            SELECT to_regclass('tabsync_schema')::text, to_regproc(\(Schema.commitFunction))::text, to_regproc(\(Schema.writeFunction))::text
-            """, on: connection, doing: "looking for the tables")
-        let found = (try? exists.first?.decode((String?, String?, String?).self)) ?? nil
-        if found?.0 != nil, found?.1 != nil, found?.2 != nil, try version(on: connection, connector) == Schema.version { return }
+        func look() throws(TabSyncError) -> (tables: Bool, commit: Bool, write: Bool) {
+            let exists = try connector.run(
+                """
+                SELECT to_regclass('tabsync_schema')::text, to_regproc(\(Schema.commitFunction))::text, to_regproc(\(Schema.writeFunction))::text
+                """, on: connection, doing: "looking for the tables")
+            let found = (try? exists.first?.decode((String?, String?, String?).self)) ?? nil
+            return (found?.0 != nil, found?.1 != nil, found?.2 != nil)
+        }
+        let found = try look()
+        if found.tables, found.commit, found.write, try version(on: connection, connector) == Schema.version { return }
         try transaction(on: connection, connector) { () throws(TabSyncError) in
             try connector.run("SELECT pg_advisory_xact_lock(\(Schema.lockKey(store: "", name: "schema")))", on: connection, doing: "locking the tables' creation")
-            for statement in Schema.create + [Schema.createLocks, Schema.createCommitFunction, Schema.createWriteFunction] {
+            // Under the lock, what another process has not created meanwhile; a function that
+            // exists is left alone (replacing it takes its owner's rights).
+            let now = try look()
+            var statements = Schema.create + [Schema.createLocks]
+            if !now.commit { statements.append(Schema.createCommitFunction) }
+            if !now.write { statements.append(Schema.createWriteFunction) }
+            for statement in statements {
                 try connector.run(PostgresQuery(unsafeSQL: statement), on: connection, doing: "creating the tables")
             }
             if try version(on: connection, connector) == nil {
@@ -261,6 +271,7 @@ public final class PostgresBackend: StorageBackend {
     }
 
     public func write(_ key: String, _ value: String?, as author: ChangeAuthor) throws(TabSyncError) -> UInt64 {
+        try checkText(key, value)
         beginOwnCommit(by: author.instance)
         defer { endOwnCommit(by: author.instance) }
         let written = try pool.with { connection throws(TabSyncError) in try writeInOneRoundTrip(key, value, as: author, on: connection) }
@@ -272,6 +283,7 @@ public final class PostgresBackend: StorageBackend {
     }
 
     public func write(_ key: String, _ value: String?, as author: ChangeAuthor) async throws -> UInt64 {
+        try checkText(key, value)
         // Not interruptible, as the one-round-trip commit: it waits for the lock at most
         // `quickLockWait`. The commit it falls back on is.
         let written = try await Blocking.run { _ in
@@ -294,9 +306,6 @@ public final class PostgresBackend: StorageBackend {
     private func writeInOneRoundTrip(
         _ key: String, _ value: String?, as author: ChangeAuthor, on connection: PostgresConnection
     ) throws(TabSyncError) -> UInt64? {
-        if key.contains("\0") || value?.contains("\0") == true {
-            throw TabSyncError(code: .invalidArgument, path: location, message: "PostgreSQL text cannot hold a NUL character (in the key or value of a write)")
-        }
         let rows: [PostgresRow]
         do {
             rows = try connector.run(
@@ -307,12 +316,12 @@ public final class PostgresBackend: StorageBackend {
                     value.map { PostgresData(string: $0) } ?? PostgresData(type: .text), PostgresData(string: author.origin),
                     PostgresData(string: author.instance), PostgresData(int64: Int64(historyLimit)),
                 ],
-                on: connection, timeout: Self.quickLockWait + configuration.operationTimeout, doing: "writing \(key)")
+                on: connection, timeout: Self.quickLockWait + configuration.operationTimeout, doing: "writing a key")
         } catch where error.code == .lockTimeout {
             return nil
         }
         guard let row = rows.first else {
-            throw TabSyncError(code: .corruptState, path: location, message: "The server did not answer the write of \(key)")
+            throw TabSyncError(code: .corruptState, path: location, message: "The server did not answer a write")
         }
         let (storeID, sequenceText, old, timeText) = try decode(row, as: (String, String, String?, String?).self)
         guard let sequence = Int64(sequenceText) else { throw unexpectedShape }
@@ -324,6 +333,13 @@ public final class PostgresBackend: StorageBackend {
         advanceCache(storeID: storeID, from: sequence - 1, by: [record])
         rememberKnown([record], storeID: storeID, from: sequence - 1)
         return UInt64(sequence)
+    }
+
+    /// Before a connection is taken: a refused argument closes none.
+    private func checkText(_ key: String, _ value: String?) throws(TabSyncError) {
+        if key.contains("\0") || value?.contains("\0") == true {
+            throw TabSyncError(code: .invalidArgument, path: location, message: "PostgreSQL text cannot hold a NUL character (in the key or value of a write)")
+        }
     }
 
     /// How ``commitInOneRoundTrip(on:as:_:)`` ended.
@@ -465,6 +481,9 @@ public final class PostgresBackend: StorageBackend {
     private func rememberKnown(_ records: [ChangeRecord], storeID: String, from: Int64) {
         known.withLock { tail in
             guard !records.isEmpty else { return }
+            // Known already, and more (the read-ahead can read a commit of this instance before
+            // its thread remembers it): nothing to add.
+            if let current = tail, current.storeID == storeID, current.from + Int64(current.records.count) >= from + Int64(records.count) { return }
             if var current = tail, current.storeID == storeID, current.from + Int64(current.records.count) == from {
                 current.records += records
                 if current.records.count > Self.knownLimit {
@@ -488,16 +507,19 @@ public final class PostgresBackend: StorageBackend {
         ownCommits.withLock { $0.running[instance, default: 0] += 1 }
     }
 
-    /// Hands on the notification that came early, once the instance's last commit under way has
-    /// returned: its records are known then (or, if it failed, the look queries).
+    /// Hands on the notification that came early, once one of the instance's commits under way
+    /// has returned: the look delivers what is known by then, and leaves the notification for
+    /// the next commit to end if its own records are not yet (or, once none is under way,
+    /// queries). On the listener's thread, as every notification: a storage's handlers never
+    /// run inside its caller's `set`.
     private func endOwnCommit(by instance: String) {
         let early = ownCommits.withLock { commits -> Listener.Notified? in
             let running = commits.running[instance, default: 1] - 1
             commits.running[instance] = running > 0 ? running : nil
-            guard running == 0, let early = commits.early.removeValue(forKey: instance) else { return nil }
+            guard let early = commits.early.removeValue(forKey: instance) else { return nil }
             return (early, instance)
         }
-        if let early { listener.handOn(early) }
+        if let early { listener.handOnLater(early) }
     }
 
     /// True when `notified` is of a commit of this process still under way: it is kept for
@@ -570,9 +592,11 @@ public final class PostgresBackend: StorageBackend {
     /// look hands the work to the storage's queue, which queries on a pooled connection and
     /// wakes three more threads. Any failure just hands the notification on: the queue's
     /// query then does as it did.
-    private func readAhead(_ notified: Listener.Notified, on connection: PostgresConnection) {
+    private func readAhead(_ notified: Listener.Notified, on connection: PostgresConnection, coalesced: Bool = false) {
         enum Next { case handOn, wait, query(storeID: String, after: Int64) }
-        let committing = ownCommits.withLock { $0.running[notified.instance] != nil }
+        // A notification that stands for several (some of other processes) is read ahead even
+        // while this instance commits.
+        let committing = !coalesced && ownCommits.withLock { $0.running[notified.instance] != nil }
         let next = readAheadState.withLock { state -> Next in
             if state.inFlight {
                 if state.pending.map({ $0.sequence < notified.sequence }) ?? true { state.pending = notified }
@@ -615,7 +639,7 @@ public final class PostgresBackend: StorageBackend {
                 return state.pending
             }
             listener.handOn(notified)
-            if let pending { readAhead(pending, on: connection) }
+            if let pending { readAhead(pending, on: connection, coalesced: true) }
         }
         let loop = connection.eventLoop
         loop.execute { [connector, store] in
