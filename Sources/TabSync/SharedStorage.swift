@@ -230,13 +230,7 @@ public final class SharedStorage: Sendable {
 
     /// One key, with the backend's write, which reads no value first.
     private func write(_ key: String, _ value: String?) throws(TabSyncError) -> UInt64 {
-        try checkOpen()
-        do {
-            return try backend.write(key, value, as: author)
-        } catch {
-            reportIfMisplaced(error)
-            throw error
-        }
+        try committing { () throws(TabSyncError) in try backend.write(key, value, as: author) }
     }
 
     /// Removes every key, as one change with a nil key. Returns its sequence number, or the
@@ -262,9 +256,26 @@ public final class SharedStorage: Sendable {
     /// commits optimistically (PostgreSQL) `body` may run twice, so it must have no effect but
     /// on the transaction (see `StorageBackend.commit(as:_:)`).
     public func transaction<Result>(_ body: (inout Transaction) throws(TabSyncError) -> Result) throws(TabSyncError) -> Result {
+        try committing { () throws(TabSyncError) in try backend.commit(as: author, body) }
+    }
+
+    /// A commit of this storage's (`work`), once it is known to be open; a refusal that tells
+    /// the directory moved or opened up is reported on the streams too.
+    private func committing<Result>(_ work: () throws(TabSyncError) -> Result) throws(TabSyncError) -> Result {
         try checkOpen()
         do {
-            return try backend.commit(as: author, body)
+            return try work()
+        } catch {
+            reportIfMisplaced(error)
+            throw error
+        }
+    }
+
+    /// The same for async code.
+    private func committing<Result>(_ work: () async throws -> Result) async throws -> Result {
+        try checkOpen()
+        do {
+            return try await work()
         } catch {
             reportIfMisplaced(error)
             throw error
@@ -333,13 +344,7 @@ public final class SharedStorage: Sendable {
     }
 
     private func write(_ key: String, _ value: String?) async throws -> UInt64 {
-        try checkOpen()
-        do {
-            return try await backend.write(key, value, as: author)
-        } catch {
-            reportIfMisplaced(error)
-            throw error
-        }
+        try await committing { try await backend.write(key, value, as: author) }
     }
 
     /// ``clear()-9ar17`` for async code; see ``set(_:_:)-372bf``.
@@ -363,13 +368,7 @@ public final class SharedStorage: Sendable {
     public func transaction<Result: Sendable>(
         _ body: @escaping @Sendable (inout Transaction) throws(TabSyncError) -> Result
     ) async throws -> Result {
-        try checkOpen()
-        do {
-            return try await backend.commit(as: author, body)
-        } catch {
-            reportIfMisplaced(error)
-            throw error
-        }
+        try await committing { try await backend.commit(as: author, body) }
     }
 
     /// Records each key whose value `body` changes as its own change, in sorted key order.

@@ -84,17 +84,11 @@ extension StorageBackend {
     }
 
     public func write(_ key: String, _ value: String?, as author: ChangeAuthor) throws(TabSyncError) -> UInt64 {
-        try commit(as: author) { (transaction: inout StoreTransaction) throws(TabSyncError) in
-            transaction.set(key, value)
-            return transaction.sequence
-        }
+        try commit(as: author, StoreTransaction.write(key, value))
     }
 
     public func write(_ key: String, _ value: String?, as author: ChangeAuthor) async throws -> UInt64 {
-        try await commit(as: author) { (transaction: inout StoreTransaction) throws(TabSyncError) in
-            transaction.set(key, value)
-            return transaction.sequence
-        }
+        try await commit(as: author, StoreTransaction.write(key, value))
     }
 
     /// ``snapshot()`` for async callers, off the Swift concurrency threads.
@@ -184,6 +178,16 @@ public struct StoreTransaction: Sendable {
         guard values[key] != value else { return }
         append(key: key, oldValue: values[key], newValue: value)
         values[key] = value
+    }
+
+    /// The body of `StorageBackend.write` as a commit: sets `key` and returns the
+    /// sequence number of the last change. A backend falls back on it where it cannot write
+    /// otherwise.
+    public static func write(_ key: String, _ value: String?) -> @Sendable (inout StoreTransaction) throws(TabSyncError) -> UInt64 {
+        { transaction throws(TabSyncError) in
+            transaction.set(key, value)
+            return transaction.sequence
+        }
     }
 
     /// Removes every key, as one change with a nil key; nothing is recorded when it is empty.

@@ -167,20 +167,17 @@ final class Connector: Sendable {
     /// never its detail (which can quote stored values) nor the query's binds.
     static func failure(_ error: any Error, doing: String, at location: String) -> TabSyncError {
         if let error = error as? TabSyncError { return error }
-        if error is ConnectionClosed {
-            return TabSyncError(code: .unavailable, path: location, message: "The connection to the server was closed while \(doing)")
-        }
         // A prepared statement's error comes in the older type (``Connector/run(prepared:_:on:timeout:doing:)``).
         let server: (state: String, message: String)?, failure: String
         switch error {
+        case is ConnectionClosed, PostgresError.connectionClosed:
+            return TabSyncError(code: .unavailable, path: location, message: "The connection to the server was closed while \(doing)")
         case let error as PSQLError:
             server = error.serverInfo?[.sqlState].map { ($0, error.serverInfo?[.message] ?? "") }
             failure = "\(error.code)"
         case let PostgresError.server(response):
             server = response.fields[.sqlState].map { ($0, response.fields[.message] ?? "") }
             failure = "an error without SQLSTATE"
-        case PostgresError.connectionClosed:
-            return TabSyncError(code: .unavailable, path: location, message: "The connection to the server was closed while \(doing)")
         default:
             return TabSyncError(code: .unavailable, path: location, message: "The server could not be reached while \(doing): \(type(of: error))")
         }

@@ -28,9 +28,9 @@ final class Listener: Sendable {
     /// A notification's sequence number and writing instance.
     typealias Notified = (sequence: Int64, instance: String)
 
-    /// The notification each thread is handling while the handlers run for it: the listener's
-    /// event loop, or a committing thread that hands on a notification it was given early
-    /// (``handOn(_:)``).
+    /// The notification each thread is handling while the handlers run for it: a listening
+    /// connection's event loop, or the listener's queue (``handOnLater(_:)``), which may run at
+    /// the same time (``handOn(_:)``).
     private let handling = Mutex<[(thread: pthread_t, notified: Notified)]>([])
     private let queue = DispatchQueue(label: "TabSyncPostgres.listener")
     /// What a notification of the store starts, on the connection's event loop, in place of

@@ -218,8 +218,7 @@ public final class PostgresBackend: StorageBackend {
             let anyStore = position.store.isEmpty
             let from = anyStore ? Int64(0) : Int64(clamping: position.sequence)
             let rows = try connector.run(
-                prepared: Schema.changesQuery,
-                [PostgresData(int64: from), PostgresData(bool: anyStore), PostgresData(string: position.store), PostgresData(string: store)],
+                prepared: Schema.changesQuery, Schema.changesBinds(after: from, of: anyStore ? nil : position.store, in: store),
                 on: connection, doing: "reading the changes")
             guard !rows.isEmpty else { return .missing }
             if let (records, storeID) = try parseChanges(rows, after: from, of: anyStore ? nil : position.store) {
@@ -276,10 +275,7 @@ public final class PostgresBackend: StorageBackend {
         defer { endOwnCommit(by: author.instance) }
         let written = try pool.with { connection throws(TabSyncError) in try writeInOneRoundTrip(key, value, as: author, on: connection) }
         if let written { return written }
-        return try commit(as: author) { (transaction: inout StoreTransaction) throws(TabSyncError) in
-            transaction.set(key, value)
-            return transaction.sequence
-        }
+        return try commit(as: author, StoreTransaction.write(key, value))
     }
 
     public func write(_ key: String, _ value: String?, as author: ChangeAuthor) async throws -> UInt64 {
@@ -294,10 +290,7 @@ public final class PostgresBackend: StorageBackend {
             }
         }
         if let written { return written }
-        return try await commit(as: author) { (transaction: inout StoreTransaction) throws(TabSyncError) in
-            transaction.set(key, value)
-            return transaction.sequence
-        }
+        return try await commit(as: author, StoreTransaction.write(key, value))
     }
 
     /// The write in one round trip (``Schema/writeFunction``), at whatever head the server finds:
@@ -577,14 +570,14 @@ public final class PostgresBackend: StorageBackend {
     /// The listener's read-ahead: one query at a time on the listener's own connection, the
     /// latest notification that came meanwhile, the reader's last position, and whether a query
     /// outlived its bound (no read-ahead then until it ends).
-    private struct ReadAhead {
+    private struct ReadAheadState {
         var inFlight = false
         var pending: Listener.Notified?
         var lastPosition: StorePosition?
         var stuck = false
     }
 
-    private let readAheadState = Mutex(ReadAhead())
+    private let readAheadState = Mutex(ReadAheadState())
 
     /// A notification of another process's commit, on the listener's event loop: the changes are
     /// read there, on the listener's connection, before the notification is handed on, so that
@@ -645,9 +638,7 @@ public final class PostgresBackend: StorageBackend {
         loop.execute { [connector, store] in
             let timer = loop.scheduleTask(in: .nanoseconds(Int64(connector.configuration.operationTimeout.nanoseconds))) { finish(nil) }
             connector.start(
-                prepared: Schema.changesQuery,
-                [PostgresData(int64: after), PostgresData(bool: false), PostgresData(string: storeID), PostgresData(string: store)],
-                on: connection
+                prepared: Schema.changesQuery, Schema.changesBinds(after: after, of: storeID, in: store), on: connection
             ).whenComplete { result in
                 timer.cancel()
                 finish(result)

@@ -94,7 +94,7 @@ enum Schema {
         $tabsync$
         """
 
-    /// The one-round-trip write of one key (docs/POSTGRES.md, "Write"): under the store's commit
+    /// The one-round-trip write of one key (docs/POSTGRES.md, "Commit"): under the store's commit
     /// lock, waited for at most `p_lock_wait`, it sets `p_key` to `p_value` (NULL removes it) at
     /// whatever head it finds, creating the store when there is none: a change, or none when the
     /// key has that value already. Returns the store, the sequence number of the change (or the
@@ -149,6 +149,7 @@ enum Schema {
 
     /// The call of ``writeFunction``, prepared once per connection: store, lock key, lock wait,
     /// key, value, origin, instance, history limit.
+    ///
     /// Its numbers come as text: PostgresNIO labels the columns of a statement prepared this way
     /// as text while the server sends them in binary, which text columns survive.
     static let writeStatement = """
@@ -164,6 +165,12 @@ enum Schema {
         LEFT JOIN tabsync_changes c ON c.store = s.name AND c.sequence > $1 AND ($2 OR s.store_id = $3)
         WHERE s.name = $4 ORDER BY c.sequence
         """
+
+    /// ``changesQuery``'s parameters: the changes after `sequence` of the store `storeID` (of
+    /// any, when nil) named `name`.
+    static func changesBinds(after sequence: Int64, of storeID: String?, in name: String) -> [PostgresData] {
+        [PostgresData(int64: sequence), PostgresData(bool: storeID == nil), PostgresData(string: storeID ?? ""), PostgresData(string: name)]
+    }
 
     /// The names of each store's named locks, so that a holder query can list them.
     static let createLocks = """
