@@ -147,6 +147,11 @@ public final class SharedStorage: Sendable {
     /// Where the catch-ups that may wait (recovery under the commit lock) run, off the watcher.
     private let slowLane = DispatchQueue(label: "TabSync.SharedStorage.catchUp")
     private let catchUpPending = Atomic<Bool>(false)
+    /// Serialises ``follow()``: true once the backend is watched.
+    private let watching = Mutex(false)
+    /// True once ``follow()`` has watched the backend and caught up: a subscriber added from then
+    /// on gets the changes after its subscription.
+    private let following = Atomic<Bool>(false)
 
     /// Opens the storage `name` in the session directory at `path`, creating both when missing.
     public convenience init(directory path: String, name: String = "storage", origin: String, options: Options = Options()) throws(TabSyncError) {
@@ -164,30 +169,61 @@ public final class SharedStorage: Sendable {
         self.origin = origin
         self.instanceID = StateDocument.newStoreID()
         self.logger = options.logger
-        let watch = backend.watch { [weak self] signal in
-            guard let self else { return }
-            switch signal {
-            case .mayHaveChanged: catchUpFromWatcher()
-            case let .detectionChanged(detection): changeDetection(to: detection)
-            }
-        }
         let initial = try backend.snapshot()
         delivery.withLock { delivery in
-            delivery.watch = watch
-            delivery.detection = watch.detection
             delivery.position = initial.position
             delivery.view = initial.values
         }
-        if case .polling = watch.detection {
-            logger.warning("TabSync polls for changes", metadata: ["location": "\(backend.location)", "detection": "\(watch.detection)"])
+    }
+
+    /// Starts following the other processes' commits, once: the first subscription does (and
+    /// ``changeDetection``). A storage that nobody observes does not watch its backend at all,
+    /// so that a process that only reads and writes never wakes for another's commit (with 4
+    /// writers on one machine each one woke for every commit of the others; on PostgreSQL each
+    /// also kept a listening connection, to which the server sent every notification). What was
+    /// committed since the storage last looked is read before the subscriber is added, without
+    /// delivering it: a subscriber gets the changes after its subscription, as before.
+    /// Returns true when this call started it (and caught up).
+    @discardableResult
+    private func follow() -> Bool {
+        guard !following.load(ordering: .acquiring) else { return false }
+        let started = watching.withLock { watched -> Bool in
+            guard !watched else { return false }
+            watched = true
+            let watch = backend.watch { [weak self] signal in
+                guard let self else { return }
+                switch signal {
+                case .mayHaveChanged: catchUpFromWatcher()
+                case let .detectionChanged(detection): changeDetection(to: detection)
+                }
+            }
+            let open = delivery.withLock { delivery -> Bool in
+                guard !delivery.closed else { return false }
+                delivery.watch = watch
+                delivery.detection = watch.detection
+                return true
+            }
+            guard open else {
+                watch.cancel()
+                return false
+            }
+            if case .polling = watch.detection {
+                logger.warning("TabSync polls for changes", metadata: ["location": "\(backend.location)", "detection": "\(watch.detection)"])
+            }
+            catchUp()
+            return true
         }
+        following.store(true, ordering: .releasing)
+        return started
     }
 
     deinit { close() }
 
-    /// How changes made by other processes are detected right now.
+    /// How changes made by other processes are detected right now. Asking starts following them,
+    /// as a first subscription does (see ``events(includingOwnChanges:)``).
     public var changeDetection: ChangeDetection {
-        delivery.withLock { $0.detection }
+        follow()
+        return delivery.withLock { $0.detection }
     }
 
     // MARK: Reading
@@ -405,6 +441,12 @@ public final class SharedStorage: Sendable {
 
     /// Changes committed by other instances (and by this one with `includingOwnChanges`), in
     /// sequence order, from now on. The stream buffers without bound; ends when the storage closes.
+    ///
+    /// A storage follows the others from its first subscription on (this, ``notifications(includingOwnChanges:)``,
+    /// ``observe()``, ``onNotification(includingOwnChanges:onClose:_:)``): that first call starts
+    /// watching the backend and reads what was committed since the storage last looked, a wait
+    /// bounded by the backend's timeouts (on PostgreSQL, a connection and a query). Until then
+    /// the process never wakes for another's commit.
     public func events(includingOwnChanges: Bool = false) -> AsyncStream<StorageEvent> {
         AsyncStream { continuation in
             subscribe(includeOwn: includingOwnChanges, continuation: continuation) { notification in
@@ -428,7 +470,7 @@ public final class SharedStorage: Sendable {
     /// }
     /// ```
     public func observe() -> AsyncStream<Observation> {
-        catchUp()
+        if !follow() { catchUp() }
         return AsyncStream { continuation in
             subscribe(includeOwn: true, continuation: continuation, first: { position, view in
                 continuation.yield(.snapshot(values: view, sequence: position?.sequence ?? 0))
@@ -467,6 +509,7 @@ public final class SharedStorage: Sendable {
         includingOwnChanges: Bool = false, onClose: (@Sendable () -> Void)? = nil,
         _ handler: @escaping @Sendable (StorageNotification) -> Void
     ) -> NotificationSubscription {
+        follow()
         let id: UInt64? = delivery.withLock { delivery in
             guard !delivery.closed else { return nil }
             let id = delivery.nextSubscriber
@@ -488,6 +531,7 @@ public final class SharedStorage: Sendable {
         includeOwn: Bool, continuation: AsyncStream<Element>.Continuation, first: (StorePosition?, [String: String]) -> Void = { _, _ in },
         deliver: @escaping @Sendable (StorageNotification) -> Void
     ) {
+        follow()
         let id: UInt64? = delivery.withLock { delivery in
             guard !delivery.closed else { return nil }
             first(delivery.position, delivery.view)

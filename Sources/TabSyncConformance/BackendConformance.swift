@@ -42,6 +42,7 @@ public enum BackendConformance: String, CaseIterable, Sendable, CustomTestString
     case ownChangesReachTheirOwnSubscribersOnceInOrderWithTheirValues
     case aWriteRecordsTheValueItReplacedHoweverFarBehindItsWriterIs
     case aHandlerNeverRunsInsideTheCallThatMadeTheChange
+    case aStorageFollowsTheOthersFromItsFirstSubscriptionOn
 
     public var testDescription: String { rawValue }
 
@@ -67,6 +68,8 @@ public enum BackendConformance: String, CaseIterable, Sendable, CustomTestString
             try await aWriteRecordsTheValueItReplacedHoweverFarBehindItsWriterIs(backend)
         case .aHandlerNeverRunsInsideTheCallThatMadeTheChange:
             try await aHandlerNeverRunsInsideTheCallThatMadeTheChange(backend)
+        case .aStorageFollowsTheOthersFromItsFirstSubscriptionOn:
+            try await aStorageFollowsTheOthersFromItsFirstSubscriptionOn(backend)
         }
     }
 
@@ -153,6 +156,30 @@ public enum BackendConformance: String, CaseIterable, Sendable, CustomTestString
         #expect(inside.load(ordering: .relaxed) == 0, "handled inside the writer's own set")
         subscription.cancel()
         delivered.finish()
+    }
+
+    /// A storage that nobody observes does not watch its backend (a process that only reads and
+    /// writes must not wake for every commit of the others), and still reads and writes the
+    /// latest values. Its first subscription starts the watch, and gets the changes after it,
+    /// not those committed while nobody watched; so does a second one.
+    private func aStorageFollowsTheOthersFromItsFirstSubscriptionOn(_ backend: some BackendUnderTest) async throws {
+        let store = try backend.makeStore(lockTimeout: .seconds(10), history: 512)
+        let watched = WatchCountingBackend(try store.open("a").backend)
+        let a = try SharedStorage(backend: watched, origin: "a"), b = try store.open("b")
+        for index in 1...3 { try await b.set("k", "\(index)") }
+        try await a.set("own", "4")
+        #expect(try a.get("k") == "3")
+        #expect(watched.registrations == 0, "a storage that nobody observes watched its backend")
+        var first = a.events().makeAsyncIterator()
+        var second = a.events(includingOwnChanges: true).makeAsyncIterator()
+        #expect(watched.registrations == 1)
+        try await b.set("k", "5")
+        let firstEvent = try #require(await StreamWait.next(&first))
+        let secondEvent = try #require(await StreamWait.next(&second))
+        for event in [firstEvent, secondEvent] {
+            #expect(event.sequence == 5 && event.newValue == "5", "a subscriber got a change from before it subscribed: \(event)")
+        }
+        withExtendedLifetime((a, b)) {}
     }
 
     /// A transaction computes from the latest values, whichever instance committed last: two
@@ -350,6 +377,42 @@ public enum StreamWait {
             Thread { continuation.resume(with: Swift.Result { try work() }) }.start()
         }
     }
+}
+
+/// A backend that counts its watch registrations, and otherwise is the one it wraps.
+private final class WatchCountingBackend: StorageBackend {
+    let inner: any StorageBackend
+    private let count = Atomic<Int>(0)
+    init(_ inner: any StorageBackend) { self.inner = inner }
+
+    var registrations: Int { count.load(ordering: .relaxed) }
+    var location: String { inner.location }
+    func snapshot() throws(TabSyncError) -> StoreSnapshot { try inner.snapshot() }
+    func changes(after position: StorePosition, waiting: Bool) throws(TabSyncError) -> StoreChanges? {
+        try inner.changes(after: position, waiting: waiting)
+    }
+    func commit<Result>(
+        as author: ChangeAuthor, _ body: (inout StoreTransaction) throws(TabSyncError) -> Result
+    ) throws(TabSyncError) -> Result {
+        try inner.commit(as: author, body)
+    }
+    func commit<Result: Sendable>(
+        as author: ChangeAuthor, _ body: @escaping @Sendable (inout StoreTransaction) throws(TabSyncError) -> Result
+    ) async throws -> Result {
+        try await inner.commit(as: author, body)
+    }
+    func write(_ key: String, _ value: String?, as author: ChangeAuthor) throws(TabSyncError) -> UInt64 {
+        try inner.write(key, value, as: author)
+    }
+    func write(_ key: String, _ value: String?, as author: ChangeAuthor) async throws -> UInt64 {
+        try await inner.write(key, value, as: author)
+    }
+    func watch(_ handler: @escaping @Sendable (BackendSignal) -> Void) -> any WatchRegistration {
+        count.add(1, ordering: .relaxed)
+        return inner.watch(handler)
+    }
+    func lock(named name: String) throws(TabSyncError) -> any SessionLock { try inner.lock(named: name) }
+    func queryLocks() -> [LockReport] { inner.queryLocks() }
 }
 
 private final class IteratorBox<Element: Sendable>: @unchecked Sendable {

@@ -330,7 +330,9 @@ public final class PostgresBackend: StorageBackend {
 
     /// Before a connection is taken: a refused argument closes none.
     private func checkText(_ key: String, _ value: String?) throws(TabSyncError) {
-        if key.contains("\0") || value?.contains("\0") == true {
+        // In bytes: `String.contains(_:)` with a string goes through Foundation's NSString search
+        // (5 % of a writer's calling thread in a profile).
+        if key.utf8.contains(0) || value?.utf8.contains(0) == true {
             throw TabSyncError(code: .invalidArgument, path: location, message: "PostgreSQL text cannot hold a NUL character (in the key or value of a write)")
         }
     }
@@ -674,7 +676,7 @@ public final class PostgresBackend: StorageBackend {
 
         init(_ transaction: StoreTransaction, location: String) throws(TabSyncError) {
             let records = transaction.records
-            for record in records where [record.key, record.newValue].contains(where: { $0?.contains("\0") == true }) {
+            for record in records where [record.key, record.newValue].contains(where: { $0?.utf8.contains(0) == true }) {
                 throw TabSyncError(code: .invalidArgument, path: location, message: "PostgreSQL text cannot hold a NUL character (in key or value of change \(record.sequence))")
             }
             let touched = Set(records.compactMap(\.key))
