@@ -182,7 +182,9 @@ public final class SharedStorage: Sendable {
     /// writers on one machine each one woke for every commit of the others; on PostgreSQL each
     /// also kept a listening connection, to which the server sent every notification). What was
     /// committed since the storage last looked is read before the subscriber is added, without
-    /// delivering it: a subscriber gets the changes after its subscription, as before.
+    /// delivering it: a subscriber gets the changes after its subscription, as before (unless
+    /// that read fails, the backend unreachable: the changes it missed come later, to the
+    /// subscriber too, as they would to one that subscribed before the outage).
     /// Returns true when this call started it (and caught up).
     @discardableResult
     private func follow() -> Bool {
@@ -190,6 +192,7 @@ public final class SharedStorage: Sendable {
         let started = watching.withLock { watched -> Bool in
             guard !watched else { return false }
             watched = true
+            guard !delivery.withLock({ $0.closed }) else { return false }
             let watch = backend.watch { [weak self] signal in
                 guard let self else { return }
                 switch signal {
@@ -211,6 +214,9 @@ public final class SharedStorage: Sendable {
                 logger.warning("TabSync polls for changes", metadata: ["location": "\(backend.location)", "detection": "\(watch.detection)"])
             }
             catchUp()
+            // A problem that catch-up found reached nobody: the first subscriber hears of it when
+            // it is found again, not never (`report` tells each problem once).
+            delivery.withLock { $0.lastProblem = nil }
             return true
         }
         following.store(true, ordering: .releasing)
@@ -496,7 +502,8 @@ public final class SharedStorage: Sendable {
     /// takes (which costs a thread wake-up per change and reader; see Benchmarks/README.md). For
     /// the lowest latency. `handler` runs on TabSync's watcher thread, which serves every storage
     /// of the process: it must return quickly and must not wait for anything (a lock, the
-    /// network, a call into this storage that commits). Delivery stops when the returned
+    /// network, a call into this storage that commits, or the first subscription of a storage,
+    /// which waits for the watcher thread). Delivery stops when the returned
     /// subscription is cancelled or the storage closes; `onClose`, when given, is called once
     /// when the storage closes (at once if it is closed already), and never after a cancel.
     ///

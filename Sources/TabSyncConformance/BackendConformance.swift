@@ -160,26 +160,47 @@ public enum BackendConformance: String, CaseIterable, Sendable, CustomTestString
 
     /// A storage that nobody observes does not watch its backend (a process that only reads and
     /// writes must not wake for every commit of the others), and still reads and writes the
-    /// latest values. Its first subscription starts the watch, and gets the changes after it,
-    /// not those committed while nobody watched; so does a second one.
+    /// latest values. Its first subscription starts the watch before it reads what it missed (a
+    /// read first would miss what came in between), and gets the changes after it, once, not
+    /// those committed while nobody watched; so does a second one. The same with `onNotification`
+    /// and `observe()` as the first subscription.
     private func aStorageFollowsTheOthersFromItsFirstSubscriptionOn(_ backend: some BackendUnderTest) async throws {
         let store = try backend.makeStore(lockTimeout: .seconds(10), history: 512)
-        let watched = WatchCountingBackend(try store.open("a").backend)
-        let a = try SharedStorage(backend: watched, origin: "a"), b = try store.open("b")
+        let b = try store.open("b")
+        let watched = try (0..<3).map { _ in WatchCountingBackend(try store.open("a").backend) }
+        let storages = try watched.map { try SharedStorage(backend: $0, origin: "a") }
         for index in 1...3 { try await b.set("k", "\(index)") }
-        try await a.set("own", "4")
-        #expect(try a.get("k") == "3")
-        #expect(watched.registrations == 0, "a storage that nobody observes watched its backend")
-        var first = a.events().makeAsyncIterator()
-        var second = a.events(includingOwnChanges: true).makeAsyncIterator()
-        #expect(watched.registrations == 1)
-        try await b.set("k", "5")
-        let firstEvent = try #require(await StreamWait.next(&first))
-        let secondEvent = try #require(await StreamWait.next(&second))
-        for event in [firstEvent, secondEvent] {
-            #expect(event.sequence == 5 && event.newValue == "5", "a subscriber got a change from before it subscribed: \(event)")
+        try await storages[0].set("own", "4")
+        #expect(try storages[0].get("k") == "3" && storages[1].get("own") == "4")
+        #expect(watched.allSatisfy { $0.calls.isEmpty }, "a storage that nobody observes watched or read its backend's changes")
+
+        var first = storages[0].events().makeAsyncIterator()
+        var second = storages[0].events(includingOwnChanges: true).makeAsyncIterator()
+        let (handled, handler) = AsyncStream.makeStream(of: StorageEvent.self)
+        let subscription = storages[1].onNotification { if case let .change(event) = $0 { handler.yield(event) } }
+        var observed = storages[2].observe().makeAsyncIterator()
+        for counted in watched {
+            #expect(counted.calls.first == "watch" && counted.calls.filter { $0 == "watch" }.count == 1, "\(counted.calls)")
         }
-        withExtendedLifetime((a, b)) {}
+        guard case let .snapshot(values, sequence)? = await StreamWait.next(&observed) else {
+            Issue.record("the observation did not start with the values")
+            return
+        }
+        #expect(values == ["k": "3", "own": "4"] && sequence == 4)
+        var handledEvents = handled.makeAsyncIterator()
+        for index in 5...6 {
+            try await b.set("k", "\(index)")
+            var events = [try #require(await StreamWait.next(&first)), try #require(await StreamWait.next(&second)),
+                          try #require(await StreamWait.next(&handledEvents))]
+            if case let .change(event)? = await StreamWait.next(&observed) { events.append(event) }
+            #expect(events.count == 4)
+            for event in events {
+                #expect(event.sequence == UInt64(index) && event.newValue == "\(index)", "a change from before the subscription, or twice: \(event)")
+            }
+        }
+        subscription.cancel()
+        handler.finish()
+        withExtendedLifetime((storages, b)) {}
     }
 
     /// A transaction computes from the latest values, whichever instance committed last: two
@@ -379,17 +400,20 @@ public enum StreamWait {
     }
 }
 
-/// A backend that counts its watch registrations, and otherwise is the one it wraps.
+/// A backend that records its watch registrations and reads of changes, in order, and otherwise
+/// is the one it wraps.
 private final class WatchCountingBackend: StorageBackend {
     let inner: any StorageBackend
-    private let count = Atomic<Int>(0)
+    private let log = Mutex<[String]>([])
     init(_ inner: any StorageBackend) { self.inner = inner }
 
-    var registrations: Int { count.load(ordering: .relaxed) }
+    /// "watch" and "changes", in the order they came.
+    var calls: [String] { log.withLock { $0 } }
     var location: String { inner.location }
     func snapshot() throws(TabSyncError) -> StoreSnapshot { try inner.snapshot() }
     func changes(after position: StorePosition, waiting: Bool) throws(TabSyncError) -> StoreChanges? {
-        try inner.changes(after: position, waiting: waiting)
+        log.withLock { $0.append("changes") }
+        return try inner.changes(after: position, waiting: waiting)
     }
     func commit<Result>(
         as author: ChangeAuthor, _ body: (inout StoreTransaction) throws(TabSyncError) -> Result
@@ -408,7 +432,7 @@ private final class WatchCountingBackend: StorageBackend {
         try await inner.write(key, value, as: author)
     }
     func watch(_ handler: @escaping @Sendable (BackendSignal) -> Void) -> any WatchRegistration {
-        count.add(1, ordering: .relaxed)
+        log.withLock { $0.append("watch") }
         return inner.watch(handler)
     }
     func lock(named name: String) throws(TabSyncError) -> any SessionLock { try inner.lock(named: name) }

@@ -87,6 +87,24 @@ struct DirectoryAndLockFileTests {
         #expect(try SharedStorage(directory: directory.path, origin: "c").get("k") == nil)
     }
 
+    /// A storage that nobody observes watches nothing, so no signal tells it of the move: its
+    /// reads check the directory themselves, and refuse the moved one as its commits do.
+    @Test func aStorageNobodyObservesRefusesToReadADirectoryMovedAway() async throws {
+        let directory = TemporaryDirectory()
+        let storage = try SharedStorage(directory: directory.path, origin: "a")
+        try await storage.set("k", "1")
+        #expect(try storage.get("k") == "1")
+        let moved = directory.path + ".moved"
+        defer { try? FileManager.default.removeItem(atPath: moved) }
+        #expect(rename(directory.path, moved) == 0)
+        #expect(mkdir(directory.path, 0o700) == 0)
+        #expect {
+            try storage.get("k")
+        } throws: { error in
+            (error as? TabSyncError)?.code == .directoryChanged && (error as? TabSyncError)?.path == directory.path
+        }
+    }
+
     /// The kernel raises no event for the deletion of a directory that a process holds open
     /// (only once the last descriptor closes), so the reader learns of it from its log's
     /// deletion, and its next call names the directory.

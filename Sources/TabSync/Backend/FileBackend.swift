@@ -87,6 +87,9 @@ public final class FileBackend: StorageBackend {
     /// Set by a signal about the directory itself (or anything: an overflow, a poll): the next
     /// read checks the directory first (``SessionDirectory/verify()``).
     private let verifyDirectory = Atomic<Bool>(true)
+    /// Live watch registrations. With none, no signal tells of the directory (a storage that
+    /// nobody observes watches nothing), so every read checks it.
+    private let watches = Atomic<Int>(0)
     /// Serialises commits of this instance; the flock serialises processes and instances.
     private let commitGate = CommitGate()
     /// The thread inside `commit`, to refuse a commit from inside a commit instead of deadlocking.
@@ -165,7 +168,9 @@ public final class FileBackend: StorageBackend {
         // about the directory itself came (a move, an overflow, a poll) or the log is missing or
         // new. A read for an append costs no check of the directory: the log's own checks (owner,
         // mode, no link) hold for what is read.
-        if locked || verifyDirectory.exchange(false, ordering: .acquiringAndReleasing) { try directory.verify() }
+        if locked || watches.load(ordering: .acquiring) == 0 || verifyDirectory.exchange(false, ordering: .acquiringAndReleasing) {
+            try directory.verify()
+        }
         var info = stat()
         guard fstatat(directory.descriptor, logName, &info, AT_SYMLINK_NOFOLLOW) == 0 else {
             let errno = Errno.current
@@ -923,6 +928,7 @@ public final class FileBackend: StorageBackend {
     // MARK: Watching and locks
 
     public func watch(_ handler: @escaping @Sendable (BackendSignal) -> Void) -> any WatchRegistration {
+        watches.add(1, ordering: .acquiringAndReleasing)
         let (id, detection) = ChangeWatcher.shared.register(
             directory: directory, names: [logName], pollInterval: pollInterval
         ) { [weak self] signal in
@@ -933,7 +939,9 @@ public final class FileBackend: StorageBackend {
             case let .fellBackToPolling(detection): handler(.detectionChanged(detection))
             }
         }
-        return FileWatchRegistration(id: id, detection: detection)
+        return FileWatchRegistration(id: id, detection: detection) { [weak self] in
+            self?.watches.subtract(1, ordering: .acquiringAndReleasing)
+        }
     }
 
     public func lock(named name: String) throws(TabSyncError) -> any SessionLock {
@@ -962,15 +970,18 @@ private final class FileWatchRegistration: WatchRegistration {
     let id: UInt64
     let detection: ChangeDetection
     private let cancelled = Atomic<Bool>(false)
+    private let ended: @Sendable () -> Void
 
-    init(id: UInt64, detection: ChangeDetection) {
+    init(id: UInt64, detection: ChangeDetection, ended: @escaping @Sendable () -> Void) {
         self.id = id
         self.detection = detection
+        self.ended = ended
     }
 
     func cancel() {
         if !cancelled.exchange(true, ordering: .relaxed) {
             ChangeWatcher.shared.unregister(id)
+            ended()
         }
     }
 
