@@ -47,6 +47,31 @@ struct SharedStorageTests {
         #expect(seen.withLock { $0 } == Array(1...20), "nothing after cancel")
     }
 
+    /// A storage's first subscription registers its watch with the watcher thread. Made from a
+    /// handler, which runs on that thread, it must not wait for the thread itself (which froze
+    /// every storage of the process): the handler's subscription follows its storage at once.
+    @Test func aHandlerCanMakeAnotherStoragesFirstSubscription() async throws {
+        let first = TemporaryDirectory(), second = TemporaryDirectory()
+        let writer = try SharedStorage(directory: first.path, origin: "writer")
+        let reader = try SharedStorage(directory: first.path, origin: "reader")
+        let other = try SharedStorage(directory: second.path, origin: "other")
+        let otherWriter = try SharedStorage(directory: second.path, origin: "other-writer")
+        let (subscribed, subscribing) = AsyncStream.makeStream(of: AsyncStream<StorageEvent>.self)
+        let subscription = reader.onNotification { notification in
+            guard case .change = notification else { return }
+            subscribing.yield(other.events())
+            subscribing.finish()
+        }
+        defer { subscription.cancel() }
+        try await writer.set("k", "1")
+        var streams = subscribed.makeAsyncIterator()
+        let stream = try #require(await next(&streams))
+        try await otherWriter.set("o", "1")
+        var events = stream.makeAsyncIterator()
+        #expect(await next(&events)?.key == "o")
+        withExtendedLifetime((writer, reader, other, otherWriter)) {}
+    }
+
     @Test func aSetThatLeavesTheValueUnchangedCommitsNothing() throws {
         let directory = TemporaryDirectory()
         let storage = try SharedStorage(directory: directory.path, origin: "a")

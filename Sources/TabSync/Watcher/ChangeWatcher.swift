@@ -138,26 +138,34 @@ final class ChangeWatcher: Sendable {
         }
         let done = DispatchSemaphore(value: 0)
         let outcome = Mutex<Result<Int32, TabSyncError>?>(nil)
-        let start: (UInt64, Bool) = state.withLock { state in
+        let start: (id: UInt64, mustStart: Bool, onOwner: Bool) = state.withLock { state in
             let id = state.nextID
             state.nextID += 1
             state.registrations[id] = Registration(
                 id: id, directory: directory, names: names, events: events, handler: handler, pollInterval: pollInterval)
+            // From a handler, on the owner thread itself: a command queued for it would wait for
+            // this very thread, and every storage of the process with it.
+            if let owner = state.thread, pthread_equal(owner, pthread_self()) != 0 { return (id, false, true) }
             state.commands.append(.add(id: id) { result in
                 outcome.withLock { $0 = result }
                 done.signal()
             })
             let mustStart = !state.running
             if mustStart { state.running = true } else { Self.wake(state.wakeDescriptor) }
-            return (id, mustStart)
+            return (id, mustStart, false)
         }
-        if start.1 { startThread() }
-        done.wait()
+        if start.onOwner {
+            let result = addWatch(for: start.id)
+            outcome.withLock { $0 = result }
+        } else {
+            if start.mustStart { startThread() }
+            done.wait()
+        }
         switch outcome.withLock({ $0 })! {
         case .success:
-            return (start.0, .inotify)
+            return (start.id, .inotify)
         case let .failure(error):
-            state.withLock { _ = $0.registrations.removeValue(forKey: start.0) }
+            state.withLock { _ = $0.registrations.removeValue(forKey: start.id) }
             return poll(directory, names, pollInterval, handler, reason: error.description)
         }
     }
