@@ -502,8 +502,8 @@ public final class SharedStorage: Sendable {
     /// takes (which costs a thread wake-up per change and reader; see Benchmarks/README.md). For
     /// the lowest latency. `handler` runs on TabSync's watcher thread, which serves every storage
     /// of the process: it must return quickly and must not wait for anything (a lock, the
-    /// network, a call into this storage that commits; a first subscription to another storage
-    /// may wait too: on PostgreSQL it connects). Delivery stops when the returned
+    /// network, a call into this storage that commits, opening a PostgreSQL storage or its first
+    /// subscription, which connect). Delivery stops when the returned
     /// subscription is cancelled or the storage closes; `onClose`, when given, is called once
     /// when the storage closes (at once if it is closed already), and never after a cancel.
     ///
