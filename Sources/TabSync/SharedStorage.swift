@@ -147,10 +147,10 @@ public final class SharedStorage: Sendable {
     /// Where the catch-ups that may wait (recovery under the commit lock) run, off the watcher.
     private let slowLane = DispatchQueue(label: "TabSync.SharedStorage.catchUp")
     private let catchUpPending = Atomic<Bool>(false)
-    /// Serialises ``follow()``: true once the backend is watched.
-    private let watching = Mutex(false)
-    /// True once ``follow()`` has watched the backend and caught up: a subscriber added from then
-    /// on gets the changes after its subscription.
+    /// Serialises ``follow()``.
+    private let startingToFollow = Mutex(())
+    /// True once ``follow()`` has watched the backend and caught up (or found the storage
+    /// closed): a subscriber added from then on gets the changes after its subscription.
     private let following = Atomic<Bool>(false)
 
     /// Opens the storage `name` in the session directory at `path`, creating both when missing.
@@ -189,9 +189,9 @@ public final class SharedStorage: Sendable {
     @discardableResult
     private func follow() -> Bool {
         guard !following.load(ordering: .acquiring) else { return false }
-        let started = watching.withLock { watched -> Bool in
-            guard !watched else { return false }
-            watched = true
+        return startingToFollow.withLock { _ -> Bool in
+            guard !following.load(ordering: .acquiring) else { return false }
+            defer { following.store(true, ordering: .releasing) }
             guard !delivery.withLock({ $0.closed }) else { return false }
             let watch = backend.watch { [weak self] signal in
                 guard let self else { return }
@@ -219,8 +219,6 @@ public final class SharedStorage: Sendable {
             delivery.withLock { $0.lastProblem = nil }
             return true
         }
-        following.store(true, ordering: .releasing)
-        return started
     }
 
     deinit { close() }
